@@ -1,0 +1,109 @@
+//! Where every received SIP message goes (runs on the transport tasks).
+//!
+//! 1. Unparseable or invalid → 400 with a Warning naming the problem.
+//! 2. Known Call-ID → straight to that Call actor (never queued behind a tenant).
+//! 3. New request → identified once at the edge: carrier source address + DID,
+//!    or the SIP domain; then to that Tenant, which authenticates and admits it.
+
+use super::call::CallMsg;
+use super::node::Node;
+use super::tenant::TenantMsg;
+use crate::sip::msg::{self, Incoming, Peer};
+use crate::sip::transport::Sink;
+use rsipstack::sip::{Method, SipMessage};
+use std::sync::atomic::Ordering;
+
+impl Sink for Node {
+    fn on_message(&self, bytes: &[u8], peer: Peer) {
+        let host = self.advertised_ip.to_string();
+        let incoming = match Incoming::parse(bytes, peer) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(from = %peer.addr, "refusing malformed message: {e}");
+                if let Some(resp) = msg::bad_request_raw(bytes, &host, &e.to_string()) {
+                    self.send(peer, resp);
+                }
+                return;
+            }
+        };
+        if let Some(call) = self.calls.get(&incoming.call_id) {
+            let _ = call.cast(CallMsg::Sip(Box::new(incoming)));
+            return;
+        }
+        let SipMessage::Request(req) = &incoming.msg else {
+            return; // a response for a call that is gone: drop it (§18.1.2)
+        };
+        let refuse = |code: u16, why: &str| {
+            let r = msg::refusal(req, code, Some(&stateless_tag(&incoming)), &host, why);
+            self.send(peer, r.to_bytes());
+        };
+        match req.method {
+            Method::Ack => {}
+            Method::Options if incoming.to_tag.is_none() => {
+                let mut r = msg::response_to(req, 200, Some(&stateless_tag(&incoming)));
+                msg::push(&mut r.headers, "Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE");
+                msg::push(&mut r.headers, "Accept", "application/sdp");
+                self.send(peer, r.to_bytes());
+            }
+            Method::Register => {
+                let domain = host_of(&incoming.to_uri);
+                let tenant = self.routing.read().by_domain.get(&domain).cloned();
+                match tenant {
+                    Some(t) => {
+                        let _ = t.cast(TenantMsg::Sip(Box::new(incoming)));
+                    }
+                    None => refuse(404, "no tenant serves this domain"),
+                }
+            }
+            Method::Invite if incoming.to_tag.is_none() => {
+                if self.active_calls.load(Ordering::Relaxed) >= self.config.node.max_calls {
+                    let mut r = msg::refusal(req, 503, Some(&stateless_tag(&incoming)), &host, "node call limit reached");
+                    msg::push(&mut r.headers, "Retry-After", "5");
+                    msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"node call limit\"");
+                    self.send(peer, r.to_bytes());
+                    return;
+                }
+                let tenant = if self.carrier_sources.contains(&peer.addr.ip()) {
+                    let did = normalize_did(req.uri.user().unwrap_or(""));
+                    match self.routing.read().by_did.get(&did).cloned() {
+                        Some(t) => t,
+                        None => return refuse(404, "unknown number (DID)"),
+                    }
+                } else {
+                    let domain = host_of(&incoming.from_uri);
+                    match self.routing.read().by_domain.get(&domain).cloned() {
+                        Some(t) => t,
+                        None => return refuse(403, "unknown domain: calls must come from a tenant's users or a carrier trunk"),
+                    }
+                };
+                let _ = tenant.cast(TenantMsg::Sip(Box::new(incoming)));
+            }
+            Method::Cancel => refuse(481, "no call matches this CANCEL"),
+            _ => refuse(481, "no such call or transaction"),
+        }
+    }
+}
+
+/// A To tag for responses crossbar sends without a transaction: the same for
+/// retransmissions of a request, so the peer sees one consistent answer.
+pub fn stateless_tag(m: &Incoming) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.call_id.hash(&mut h);
+    m.from_tag.hash(&mut h);
+    m.cseq.hash(&mut h);
+    format!("cb{:x}", h.finish())
+}
+
+pub fn host_of(uri: &rsipstack::sip::Uri) -> String {
+    match &uri.host_with_port.host {
+        rsipstack::sip::Host::Domain(d) => d.to_string().to_ascii_lowercase(),
+        rsipstack::sip::Host::IpAddr(ip) => ip.to_string(),
+    }
+}
+
+/// A DID as dialled by the carrier: `+15550001000`, `15550001000` (and visual separators) → digits.
+pub fn normalize_did(user: &str) -> String {
+    let user = user.split(';').next().unwrap_or(user);
+    user.chars().filter(|c| c.is_ascii_digit()).collect()
+}

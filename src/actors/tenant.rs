@@ -1,0 +1,301 @@
+//! The Tenant actor: one per tenant. It authenticates its users (digest in
+//! its own realm), keeps their registrations, routes new calls (DID →
+//! extension, extension → extension, extension → trunk), admits them against
+//! its limits and supervises their Call actors.
+//!
+//! Nothing here can reach another tenant: lookups go through this tenant's
+//! own users, DIDs and registrar, and no path names another tenant.
+
+use super::call::{Call, CallArgs, CallShared};
+use super::dispatch::stateless_tag;
+use super::node::Node;
+use crate::config::TenantConfig;
+use crate::sip::auth::{self, NonceCheck};
+use crate::sip::b2bua::{B2bua, CallSetup};
+use crate::sip::msg::{self, Incoming, Peer, Proto};
+use crate::sip::registrar::{ExpiryLimits, Registrar};
+use parking_lot::Mutex;
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use rsipstack::sip::{Method, Request};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long a digest nonce stays valid.
+const NONCE_MAX_AGE: Duration = Duration::from_secs(300);
+
+pub enum TenantMsg {
+    /// A new request for this tenant (REGISTER, initial INVITE).
+    Sip(Box<Incoming>),
+    /// Periodic housekeeping (expired registrations).
+    Tick,
+    /// Test-only: make this tenant actor panic.
+    #[cfg(feature = "fault-injection")]
+    Panic,
+}
+
+/// What a tenant needs to (re)start; registrations survive a restart.
+#[derive(Clone)]
+pub struct TenantArgs {
+    pub config: TenantConfig,
+    pub node: Arc<Node>,
+    pub registrar: Arc<Mutex<Registrar>>,
+}
+
+impl TenantArgs {
+    pub fn new(config: TenantConfig, node: Arc<Node>) -> Self {
+        Self { config, node, registrar: Arc::new(Mutex::new(Registrar::default())) }
+    }
+}
+
+pub struct Tenant;
+
+pub struct TenantState {
+    args: TenantArgs,
+    passwords: HashMap<String, String>,
+    /// Call actors of this tenant → their shared state, for clean-up if one fails.
+    calls: HashMap<ractor::ActorId, Arc<Mutex<CallShared>>>,
+    tick: Option<ractor::concurrency::JoinHandle<()>>,
+}
+
+impl Actor for Tenant {
+    type Msg = TenantMsg;
+    type State = TenantState;
+    type Arguments = TenantArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: TenantArgs) -> Result<Self::State, ActorProcessingErr> {
+        let passwords = args.config.users.iter().map(|u| (u.extension.clone(), u.password.clone())).collect();
+        let tick = myself.send_interval(Duration::from_secs(30), || TenantMsg::Tick);
+        tracing::info!(tenant = %args.config.id, domain = %args.config.domain, "tenant started");
+        Ok(TenantState { args, passwords, calls: HashMap::new(), tick: Some(tick) })
+    }
+
+    async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.tick.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TenantMsg::Sip(m) => {
+                let m = *m;
+                let Some(req) = m.request().cloned() else { return Ok(()) };
+                match req.method {
+                    Method::Register => state.on_register(&m, &req),
+                    Method::Invite => state.on_invite(&myself, m, req).await,
+                    _ => {}
+                }
+            }
+            TenantMsg::Tick => {
+                let n = state.args.registrar.lock().purge(Instant::now());
+                if n > 0 {
+                    tracing::debug!(tenant = %state.args.config.id, "{n} registrations expired");
+                }
+            }
+            #[cfg(feature = "fault-injection")]
+            TenantMsg::Panic => panic!("fault injection: tenant {} panics on purpose", state.args.config.id),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, _: ActorRef<Self::Msg>, evt: SupervisionEvent, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state.calls.remove(&cell.get_id());
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                // A failed call is cleaned up here and never stops its tenant.
+                tracing::error!(tenant = %state.args.config.id, actor = ?cell.get_id(), "call failed: {err}; hanging it up");
+                if let Some(shared) = state.calls.remove(&cell.get_id()) {
+                    super::call::clean_up_failed(&state.args.node, &shared);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+enum Auth {
+    User(String),
+    /// Send this challenge (401/407).
+    Challenge { stale: bool },
+    Refused(&'static str),
+}
+
+impl TenantState {
+    fn node(&self) -> &Arc<Node> {
+        &self.args.node
+    }
+
+    fn host(&self) -> String {
+        self.node().advertised_ip.to_string()
+    }
+
+    fn respond(&self, m: &Incoming, req: &Request, code: u16, why: &str) {
+        let r = msg::refusal(req, code, Some(&stateless_tag(m)), &self.host(), why);
+        self.node().send(m.peer, r.to_bytes());
+    }
+
+    /// Digest authentication in this tenant's realm (RFC 8760: SHA-256 and MD5 offered).
+    fn authenticate(&self, m: &Incoming, req: &Request, header: &str) -> Auth {
+        let realm = &self.args.config.domain;
+        let Some(value) = msg::header(&req.headers, header) else { return Auth::Challenge { stale: false } };
+        let Ok(creds) = auth::parse_credentials(value) else { return Auth::Refused("malformed credentials") };
+        if !creds.realm.eq_ignore_ascii_case(realm) {
+            return Auth::Refused("credentials are for another realm");
+        }
+        match self.node().nonces.check_nonce(&creds.nonce, realm, SystemTime::now(), NONCE_MAX_AGE) {
+            NonceCheck::Valid => {}
+            NonceCheck::Stale => return Auth::Challenge { stale: true },
+            NonceCheck::Invalid => return Auth::Challenge { stale: false },
+        }
+        let Some(password) = self.passwords.get(&creds.username) else { return Auth::Refused("wrong user name or password") };
+        if !auth::verify(&creds, req.method.to_string().as_str(), password) {
+            return Auth::Refused("wrong user name or password");
+        }
+        let _ = m;
+        Auth::User(creds.username.clone())
+    }
+
+    fn challenge(&self, m: &Incoming, req: &Request, code: u16, stale: bool) {
+        let realm = &self.args.config.domain;
+        let nonce = self.node().nonces.nonce(realm, SystemTime::now());
+        let mut r = msg::response_to(req, code, Some(&stateless_tag(m)));
+        let name = if code == 407 { "Proxy-Authenticate" } else { "WWW-Authenticate" };
+        for c in auth::challenges(realm, &nonce, stale) {
+            msg::push(&mut r.headers, name, c);
+        }
+        self.node().send(m.peer, r.to_bytes());
+    }
+
+    fn on_register(&mut self, m: &Incoming, req: &Request) {
+        let user = m.to_uri.user().unwrap_or("").to_string();
+        match self.authenticate(m, req, "Authorization") {
+            Auth::Challenge { stale } => self.challenge(m, req, 401, stale),
+            Auth::Refused(why) => self.respond(m, req, 403, why),
+            Auth::User(u) if u != user => self.respond(m, req, 403, "credentials do not match the registered address (To)"),
+            Auth::User(u) => {
+                let limits = ExpiryLimits { min: self.node().config.sip.min_expires, max: self.node().config.sip.max_expires };
+                let resp = self.args.registrar.lock().register(m, req, &u, limits, &stateless_tag(m), &self.host(), Instant::now());
+                tracing::info!(tenant = %self.args.config.id, user = %u, code = u16::from(resp.status_code.clone()), "REGISTER");
+                self.node().send(m.peer, resp.to_bytes());
+            }
+        }
+    }
+
+    async fn on_invite(&mut self, myself: &ActorRef<TenantMsg>, m: Incoming, req: Request) {
+        // A retransmission that raced the Call's creation: hand it over.
+        if let Some(call) = self.node().calls.get(&m.call_id) {
+            let _ = call.cast(super::call::CallMsg::Sip(Box::new(m)));
+            return;
+        }
+        let node = self.node().clone();
+        let cfg = &self.args.config;
+        let from_carrier = node.carrier_sources.contains(&m.peer.addr.ip());
+        let now = Instant::now();
+        // Route: (callee URI, where to send, From towards the callee, To towards the callee).
+        let route = if from_carrier {
+            let did = super::dispatch::normalize_did(req.uri.user().unwrap_or(""));
+            let Some(ext) = cfg.dids.iter().find(|d| d.number == did).map(|d| d.extension.clone()) else {
+                return self.respond(&m, &req, 404, "unknown number (DID)");
+            };
+            let caller = m.from_uri.user().unwrap_or("anonymous").to_string();
+            let from = format!("<sip:{caller}@{}>", node.advertised_ip);
+            self.route_to_extension(&m, &req, &ext, from, now)
+        } else {
+            let user = match self.authenticate(&m, &req, "Proxy-Authorization") {
+                Auth::Challenge { stale } => return self.challenge(&m, &req, 407, stale),
+                Auth::Refused(why) => return self.respond(&m, &req, 403, why),
+                Auth::User(u) => u,
+            };
+            if m.from_uri.user() != Some(user.as_str()) {
+                return self.respond(&m, &req, 403, "From does not match the authenticated user");
+            }
+            let target = req.uri.user().unwrap_or("").to_string();
+            if self.passwords.contains_key(&target) {
+                let from = format!("<sip:{user}@{}>", cfg.domain);
+                self.route_to_extension(&m, &req, &target, from, now)
+            } else if is_external_number(&target) {
+                let Some(trunk) = node.trunk_outbound else {
+                    return self.respond(&m, &req, 403, "outbound calls are not configured (no trunk)");
+                };
+                let number = target.trim_start_matches('+').to_string();
+                let Some(cli) = cfg.dids.first().map(|d| d.number.clone()) else {
+                    return self.respond(&m, &req, 403, "this tenant has no DID to present as caller id");
+                };
+                Some((format!("sip:{number}@{trunk}"), Peer { proto: Proto::Udp, addr: trunk }, format!("<sip:{cli}@{}>", node.advertised_ip), format!("<sip:{number}@{trunk}>")))
+            } else {
+                return self.respond(&m, &req, 404, "no such extension or number in this tenant");
+            }
+        };
+        let Some((b_uri, b_peer, b_from, b_to)) = route else { return };
+
+        // Admission.
+        if self.calls.len() >= cfg.max_calls {
+            let mut r = msg::refusal(&req, 503, Some(&stateless_tag(&m)), &self.host(), "tenant concurrent call limit reached");
+            msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"tenant concurrent call limit\"");
+            return self.node().send(m.peer, r.to_bytes());
+        }
+        let media = match node.media.open_session().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(tenant = %cfg.id, "no media ports: {e}");
+                return self.respond(&m, &req, 503, "no media ports available");
+            }
+        };
+        let setup = CallSetup {
+            a_invite: req.clone(),
+            a_peer: m.peer,
+            b_uri,
+            b_peer,
+            b_from,
+            b_to,
+            b_call_id: format!("{}@{}", crate::sip::transaction::new_tag(), node.advertised_ip),
+            a_sent_by: node.sent_by(m.peer.proto),
+            b_sent_by: node.sent_by(b_peer.proto),
+            media_a: media.local_rtp(crate::media::Side::A),
+            media_b: media.local_rtp(crate::media::Side::B),
+            timers: node.timers.clone(),
+            ring_timeout: Duration::from_secs(node.config.sip.ring_timeout_s),
+            server_name: node.advertised_ip.to_string(),
+        };
+        let core = match B2bua::new(setup, now) {
+            Ok(c) => c,
+            Err(refusal) => return self.respond(&m, &req, refusal.code, &refusal.reason),
+        };
+        let shared = Arc::new(Mutex::new(CallShared::new(core, media, m.peer, b_peer, cfg.id.clone())));
+        let args = CallArgs { node: node.clone(), shared: shared.clone() };
+        match Actor::spawn_linked(None, Call, args, myself.get_cell()).await {
+            Ok((call, _)) => {
+                self.calls.insert(call.get_id(), shared);
+            }
+            Err(e) => {
+                tracing::error!(tenant = %cfg.id, "cannot start a call actor: {e}");
+                super::call::clean_up_failed(&node, &shared);
+            }
+        }
+        let _ = node.active_calls.load(Ordering::Relaxed);
+    }
+
+    /// The registered contact of one of this tenant's extensions.
+    fn route_to_extension(&self, m: &Incoming, req: &Request, ext: &str, from: String, now: Instant) -> Option<(String, Peer, String, String)> {
+        let registrar = self.args.registrar.lock();
+        let Some(b) = registrar.lookup(ext, now).first().map(|b| (*b).clone()) else {
+            drop(registrar);
+            self.respond(m, req, 480, "the extension is not registered");
+            return None;
+        };
+        let to = format!("<sip:{ext}@{}>", self.args.config.domain);
+        Some((b.contact, b.peer, from, to))
+    }
+}
+
+/// A number to send out through the carrier: digits (optionally '+'), at least 5.
+fn is_external_number(s: &str) -> bool {
+    let d = s.strip_prefix('+').unwrap_or(s);
+    d.len() >= 5 && d.len() <= 15 && d.bytes().all(|b| b.is_ascii_digit())
+}

@@ -1,0 +1,402 @@
+//! Media anchoring: the RTP port pool and the RTP/RTCP relay between a call's two legs.
+//!
+//! Every call gets a [`MediaSession`] from the node-wide [`MediaEngine`]: two RTP/RTCP
+//! port pairs (one facing each party) and a relay task moving packets between them.
+//! Signalling (the Call actor) only tells the session where each party said it receives
+//! media ([`MediaSession::set_remote`]); packets never pass through actors or channels.
+//!
+//! Symmetric RTP: the first packet received on a side's socket after each
+//! `set_remote` (or after opening) fixes that side's destination to the packet's source,
+//! so parties behind NAT get their media back where they actually send from.
+
+mod ports;
+mod relay;
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use ports::{PairLease, PortPool};
+use relay::{rtcp_default, SessionInner, A_RTP, B_RTP};
+
+/// Media addressing and port range of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// Address the RTP sockets bind to.
+    pub bind_ip: IpAddr,
+    /// Address advertised in SDP (differs from `bind_ip` behind 1:1 NAT).
+    pub public_ip: IpAddr,
+    /// First port of the range; must be even (RTP even, RTCP = RTP + 1).
+    pub port_min: u16,
+    /// Last port of the range (inclusive).
+    pub port_max: u16,
+}
+
+/// One leg of a call: A = caller, B = callee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    /// The other leg.
+    pub fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+
+    /// Index of this side's RTP socket/slot in the relay (RTCP is the next one).
+    fn rtp_idx(self) -> usize {
+        match self {
+            Side::A => A_RTP,
+            Side::B => B_RTP,
+        }
+    }
+}
+
+/// How relay work is spread over tokio tasks. Both behave the same; they differ in
+/// CPU and memory cost (see `examples/relay_load.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// One task per session serving its four sockets (the default: fewer tasks, and
+    /// measured slightly cheaper or equal in CPU).
+    #[default]
+    PerSession,
+    /// One task per socket (four per session).
+    PerSocket,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("invalid media configuration: {0}")]
+    Config(&'static str),
+    /// Every port pair of the range is in use (or taken by another process): answer 503.
+    #[error("media ports exhausted")]
+    PortsExhausted,
+    #[error("media socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Traffic of one direction and kind (e.g. A→B RTP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Packets received and relayed to the other side.
+    pub packets: u64,
+    /// Payload bytes (UDP payload) of those packets.
+    pub bytes: u64,
+    /// Packets received but not relayed: no destination known yet, oversize, or the
+    /// send failed (socket buffer full).
+    pub dropped: u64,
+}
+
+/// Counters of one session, per direction and per RTP/RTCP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    pub a_to_b_rtp: FlowStats,
+    pub a_to_b_rtcp: FlowStats,
+    pub b_to_a_rtp: FlowStats,
+    pub b_to_a_rtcp: FlowStats,
+}
+
+impl RelayStats {
+    fn flows(&self) -> [&FlowStats; 4] {
+        [
+            &self.a_to_b_rtp,
+            &self.a_to_b_rtcp,
+            &self.b_to_a_rtp,
+            &self.b_to_a_rtcp,
+        ]
+    }
+
+    /// All packets relayed, both directions, RTP and RTCP.
+    pub fn relayed_packets(&self) -> u64 {
+        self.flows().iter().map(|f| f.packets).sum()
+    }
+
+    /// All packets dropped, both directions, RTP and RTCP.
+    pub fn dropped(&self) -> u64 {
+        self.flows().iter().map(|f| f.dropped).sum()
+    }
+}
+
+/// The node's media engine: port pool and relay factory. Cheap to clone.
+#[derive(Clone)]
+pub struct MediaEngine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    cfg: MediaConfig,
+    pool: Arc<PortPool>,
+    mode: RelayMode,
+}
+
+impl fmt::Debug for MediaEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MediaEngine")
+            .field("cfg", &self.inner.cfg)
+            .field("mode", &self.inner.mode)
+            .field("ports_in_use", &self.ports_in_use())
+            .finish()
+    }
+}
+
+impl MediaEngine {
+    pub fn new(cfg: MediaConfig) -> Result<Self, MediaError> {
+        Self::with_mode(cfg, RelayMode::default())
+    }
+
+    /// Like [`MediaEngine::new`] with an explicit task layout (benchmarks, tuning).
+    pub fn with_mode(cfg: MediaConfig, mode: RelayMode) -> Result<Self, MediaError> {
+        validate(&cfg)?;
+        let pool = Arc::new(PortPool::new(cfg.port_min, cfg.port_max));
+        Ok(Self {
+            inner: Arc::new(EngineInner { cfg, pool, mode }),
+        })
+    }
+
+    pub fn config(&self) -> &MediaConfig {
+        &self.inner.cfg
+    }
+
+    /// Allocates a port pair for each side, binds the four UDP sockets and starts
+    /// relaying. Must run inside a tokio runtime.
+    ///
+    /// `Err(MediaError::PortsExhausted)` when no two pairs can be had (answer 503).
+    pub async fn open_session(&self) -> Result<MediaSession, MediaError> {
+        let (lease_a, a_rtp, a_rtcp) = self.bind_next_pair()?;
+        // On error below, lease_a and its sockets drop here and the pair goes back.
+        let (lease_b, b_rtp, b_rtcp) = self.bind_next_pair()?;
+        let socks = [
+            UdpSocket::from_std(a_rtp)?,
+            UdpSocket::from_std(a_rtcp)?,
+            UdpSocket::from_std(b_rtp)?,
+            UdpSocket::from_std(b_rtcp)?,
+        ];
+        let public = self.inner.cfg.public_ip;
+        let local = [
+            SocketAddr::new(public, lease_a.rtp_port()),
+            SocketAddr::new(public, lease_b.rtp_port()),
+        ];
+        let v6_sockets = self.inner.cfg.bind_ip.is_ipv6();
+        let inner = Arc::new(SessionInner::new(socks, v6_sockets));
+        let weak = Arc::downgrade(&inner);
+        let tasks = match self.inner.mode {
+            RelayMode::PerSession => vec![tokio::spawn(relay::run(weak, None))],
+            RelayMode::PerSocket => (0..4)
+                .map(|i| tokio::spawn(relay::run(weak.clone(), Some(i))))
+                .collect(),
+        };
+        debug!(a = %local[0], b = %local[1], "media session opened");
+        Ok(MediaSession {
+            inner,
+            _leases: [lease_a, lease_b],
+            tasks,
+            local,
+        })
+    }
+
+    /// UDP ports currently held by sessions (4 per session); 0 when no call is up.
+    pub fn ports_in_use(&self) -> usize {
+        self.inner.pool.pairs_in_use() * 2
+    }
+
+    /// Total UDP ports usable in the configured range (4 per session).
+    pub fn ports_total(&self) -> usize {
+        self.inner.pool.capacity() * 2
+    }
+
+    /// Leases the next free pair whose two ports can be bound. A pair taken by another
+    /// process is skipped (it goes back to the tail of the pool and is retried later).
+    fn bind_next_pair(
+        &self,
+    ) -> Result<(PairLease, std::net::UdpSocket, std::net::UdpSocket), MediaError> {
+        let pool = &self.inner.pool;
+        for _ in 0..pool.capacity() {
+            let Some(lease) = PairLease::take(pool) else {
+                return Err(MediaError::PortsExhausted);
+            };
+            match bind_pair(self.inner.cfg.bind_ip, lease.rtp_port()) {
+                Ok((rtp, rtcp)) => return Ok((lease, rtp, rtcp)),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    debug!(port = lease.rtp_port(), "media port in use elsewhere, skipped");
+                }
+                // Anything else (address not local, permission) is a node problem that
+                // no other port will fix.
+                Err(e) => return Err(MediaError::Io(e)),
+            }
+        }
+        warn!("no bindable media port pair left in the range");
+        Err(MediaError::PortsExhausted)
+    }
+}
+
+fn validate(cfg: &MediaConfig) -> Result<(), MediaError> {
+    if cfg.port_min == 0 {
+        return Err(MediaError::Config("port_min must be > 0"));
+    }
+    if !cfg.port_min.is_multiple_of(2) {
+        return Err(MediaError::Config("port_min must be even (RTP even, RTCP odd)"));
+    }
+    if u32::from(cfg.port_max) < u32::from(cfg.port_min) + 3 {
+        return Err(MediaError::Config(
+            "port range must hold at least two RTP/RTCP pairs (port_max >= port_min + 3)",
+        ));
+    }
+    if cfg.public_ip.is_unspecified() || cfg.public_ip.is_multicast() {
+        // 0.0.0.0 in SDP means "hold" to the far end.
+        return Err(MediaError::Config("public_ip must be a unicast address"));
+    }
+    if cfg.bind_ip.is_multicast() {
+        return Err(MediaError::Config("bind_ip must not be multicast"));
+    }
+    let dual_stack = cfg.bind_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    if cfg.bind_ip.is_ipv4() != cfg.public_ip.is_ipv4() && !dual_stack {
+        return Err(MediaError::Config(
+            "bind_ip and public_ip must be of the same address family",
+        ));
+    }
+    Ok(())
+}
+
+/// Binds RTP on `port` and RTCP on `port + 1`.
+fn bind_pair(
+    ip: IpAddr,
+    port: u16,
+) -> io::Result<(std::net::UdpSocket, std::net::UdpSocket)> {
+    let rtcp_port = port
+        .checked_add(1)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no RTCP port"))?;
+    let rtp = bind_udp(SocketAddr::new(ip, port))?;
+    let rtcp = bind_udp(SocketAddr::new(ip, rtcp_port))?;
+    Ok((rtp, rtcp))
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Explicitly off: with SO_REUSEADDR another process could share the port and
+    // receive our media; a port must be exclusively ours or skipped.
+    sock.set_reuse_address(false)?;
+    sock.set_nonblocking(true)?;
+    set_dscp_ef(&sock, addr);
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// Marks media as Expedited Forwarding (DSCP 46), best effort: a network that ignores
+/// it is no reason to fail a call.
+#[cfg(target_os = "linux")]
+fn set_dscp_ef(sock: &Socket, addr: SocketAddr) {
+    const EF: u32 = 46 << 2;
+    let res = if addr.is_ipv4() {
+        sock.set_tos(EF)
+    } else {
+        sock.set_tclass_v6(EF)
+    };
+    if let Err(e) = res {
+        debug!(error = %e, "could not set DSCP on media socket");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_dscp_ef(_sock: &Socket, _addr: SocketAddr) {}
+
+/// The media of one call. Owned by the Call actor; dropping it (or [`close`]) stops
+/// the relay and returns the four ports to the pool.
+///
+/// [`close`]: MediaSession::close
+pub struct MediaSession {
+    inner: Arc<SessionInner>,
+    /// Dropped after `inner`, so in the usual case the sockets are closed before their
+    /// ports go back to the pool. If a relay task is in the middle of a wakeup, its
+    /// sockets outlive the lease by that wakeup (microseconds): the pool accounting stays
+    /// exact, and a pair that is still bound when handed out again is skipped like any
+    /// busy port (round-robin makes that next to impossible anyway).
+    _leases: [PairLease; 2],
+    tasks: Vec<JoinHandle<()>>,
+    /// Advertised RTP address facing A and facing B.
+    local: [SocketAddr; 2],
+}
+
+impl fmt::Debug for MediaSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MediaSession")
+            .field("local_a", &self.local[0])
+            .field("local_b", &self.local[1])
+            .finish()
+    }
+}
+
+impl MediaSession {
+    /// The RTP address crossbar uses towards `side`'s party (public_ip + port): what
+    /// goes into the SDP sent to that party.
+    pub fn local_rtp(&self, side: Side) -> SocketAddr {
+        match side {
+            Side::A => self.local[0],
+            Side::B => self.local[1],
+        }
+    }
+
+    /// The RTCP address towards `side`'s party (RTP port + 1).
+    pub fn local_rtcp(&self, side: Side) -> SocketAddr {
+        let rtp = self.local_rtp(side);
+        // The pool only hands out even ports <= 65534, so +1 cannot overflow.
+        SocketAddr::new(rtp.ip(), rtp.port().saturating_add(1))
+    }
+
+    /// Where `side`'s party said (in its SDP) it receives RTP, and RTCP if it said so
+    /// with a=rtcp (else RTP port + 1). Re-arms latching: the next packet received from
+    /// that party fixes its address again (re-INVITE, NAT rebinding).
+    ///
+    /// An unspecified address (0.0.0.0 / ::, i.e. hold) or port 0 gives no destination
+    /// until the party sends: sending there would hit this very host.
+    pub fn set_remote(&self, side: Side, rtp: SocketAddr, rtcp: Option<SocketAddr>) {
+        let usable = |a: SocketAddr| !a.ip().is_unspecified() && a.port() != 0;
+        let rtp_dest = Some(rtp).filter(|a| usable(*a));
+        let rtcp_dest = match rtcp {
+            Some(a) => Some(a).filter(|a| usable(*a)),
+            None => rtp_dest.and_then(rtcp_default),
+        };
+        debug!(?side, rtp = ?rtp_dest, rtcp = ?rtcp_dest, "media remote set");
+        self.inner.set_remote(side.rtp_idx(), rtp_dest, rtcp_dest);
+    }
+
+    /// Where RTP for `side`'s party is sent now: the latched source, else the SDP address.
+    pub fn remote_rtp(&self, side: Side) -> Option<SocketAddr> {
+        self.inner.slot(side.rtp_idx()).dest()
+    }
+
+    /// Where RTCP for `side`'s party is sent now.
+    pub fn remote_rtcp(&self, side: Side) -> Option<SocketAddr> {
+        self.inner.slot(side.rtp_idx() + 1).dest()
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        self.inner.stats()
+    }
+
+    /// Stops relaying and frees the ports (same as dropping the session).
+    pub fn close(self) {
+        drop(self);
+    }
+}
+
+impl Drop for MediaSession {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        // `inner` and then the leases are dropped right after this: the relay tasks hold
+        // only a Weak, so the sockets close now (or at the end of a wakeup in progress)
+        // and the ports return to the pool now, whatever the runtime does next.
+    }
+}

@@ -1,0 +1,313 @@
+//! The packet relay: per-session shared state and the hot loop.
+//!
+//! Socket indices: 0 = A RTP, 1 = A RTCP, 2 = B RTP, 3 = B RTCP. A packet received on
+//! socket `i` comes from the party of that side and leaves through socket `i ^ 2`
+//! towards the other party's slot `i ^ 2`.
+//!
+//! Hot-path rules: no allocation, no lock and no channel per packet. The relay keeps a
+//! private copy of the destinations and re-reads the shared copy only when a generation
+//! counter says it changed (set_remote or a latch), which is one atomic load per wakeup.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Weak;
+use std::task::{Context, Poll};
+
+use parking_lot::Mutex;
+use socket2::{SockAddr, SockRef};
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tracing::{debug, trace};
+
+use super::{FlowStats, RelayStats};
+
+/// Receive buffer size. Carrier RTP is far below the Ethernet MTU; a datagram that
+/// fills the whole buffer may have been truncated by the kernel and is dropped rather
+/// than relayed corrupted.
+const BUF_LEN: usize = 8192;
+
+/// Max datagrams taken from one socket per wakeup before yielding to other tasks, so a
+/// flood on one call cannot starve the others.
+const BUDGET_PER_SOCKET: usize = 64;
+
+pub(crate) const A_RTP: usize = 0;
+pub(crate) const B_RTP: usize = 2;
+
+/// Where one party receives one kind of traffic (RTP or RTCP).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Slot {
+    /// From signalling (SDP), if any.
+    pub(crate) sdp: Option<SocketAddr>,
+    /// Source of the first packet received since the last `set_remote` (symmetric RTP).
+    pub(crate) latched: Option<SocketAddr>,
+}
+
+impl Slot {
+    pub(crate) fn dest(&self) -> Option<SocketAddr> {
+        self.latched.or(self.sdp)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn load(&self) -> FlowStats {
+        FlowStats {
+            packets: self.packets.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Everything the relay task(s) and the owning `MediaSession` share.
+///
+/// The tasks hold only a `Weak` to it (upgraded for the length of one wakeup), so
+/// dropping the session closes the sockets right away, not whenever the runtime gets
+/// round to the aborted task.
+#[derive(Debug)]
+pub(crate) struct SessionInner {
+    pub(crate) socks: [UdpSocket; 4],
+    /// The sockets are AF_INET6: IPv4 destinations must be given as v4-mapped.
+    v6_sockets: bool,
+    slots: Mutex<[Slot; 4]>,
+    /// Bumped (under the `slots` lock) whenever `slots` changes.
+    generation: AtomicU64,
+    /// Indexed by the receiving socket.
+    counters: [Counters; 4],
+}
+
+impl SessionInner {
+    pub(crate) fn new(socks: [UdpSocket; 4], v6_sockets: bool) -> Self {
+        Self {
+            socks,
+            v6_sockets,
+            slots: Mutex::new([Slot::default(); 4]),
+            generation: AtomicU64::new(0),
+            counters: Default::default(),
+        }
+    }
+
+    /// Sets what signalling says for one party (RTP slot `rtp_idx`, RTCP slot
+    /// `rtp_idx + 1`) and re-arms latching on both, under one lock so the relay never
+    /// sees a half-applied update.
+    pub(crate) fn set_remote(
+        &self,
+        rtp_idx: usize,
+        rtp: Option<SocketAddr>,
+        rtcp: Option<SocketAddr>,
+    ) {
+        let mut slots = self.slots.lock();
+        slots[rtp_idx] = Slot { sdp: rtp, latched: None };
+        slots[rtp_idx + 1] = Slot { sdp: rtcp, latched: None };
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub(crate) fn slot(&self, idx: usize) -> Slot {
+        self.slots.lock()[idx]
+    }
+
+    pub(crate) fn stats(&self) -> RelayStats {
+        RelayStats {
+            a_to_b_rtp: self.counters[0].load(),
+            a_to_b_rtcp: self.counters[1].load(),
+            b_to_a_rtp: self.counters[2].load(),
+            b_to_a_rtcp: self.counters[3].load(),
+        }
+    }
+
+    fn to_sock_addr(&self, addr: SocketAddr) -> SockAddr {
+        match addr {
+            SocketAddr::V4(v4) if self.v6_sockets => SockAddr::from(SocketAddrV6::new(
+                v4.ip().to_ipv6_mapped(),
+                v4.port(),
+                0,
+                0,
+            )),
+            other => SockAddr::from(other),
+        }
+    }
+}
+
+/// The relay's private view of one slot.
+#[derive(Clone, Default)]
+struct CachedSlot {
+    latched: bool,
+    dest: Option<SockAddr>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct LocalCount {
+    packets: u64,
+    bytes: u64,
+    dropped: u64,
+}
+
+/// Per-task relay state: the reusable buffer, cached destinations, batched counters.
+struct Relayer {
+    buf: Box<[u8]>,
+    generation: u64,
+    cache: [CachedSlot; 4],
+    counts: [LocalCount; 4],
+}
+
+impl Relayer {
+    fn new() -> Self {
+        Self {
+            buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            // Forces a load on the first wakeup.
+            generation: u64::MAX,
+            cache: Default::default(),
+            counts: [LocalCount::default(); 4],
+        }
+    }
+
+    fn refresh(&mut self, inner: &SessionInner) {
+        if inner.generation.load(Ordering::Acquire) != self.generation {
+            let slots = inner.slots.lock();
+            self.load(inner, &slots);
+        }
+    }
+
+    /// Copies the shared slots; the caller holds the lock.
+    fn load(&mut self, inner: &SessionInner, slots: &[Slot; 4]) {
+        self.generation = inner.generation.load(Ordering::Acquire);
+        for (c, s) in self.cache.iter_mut().zip(slots.iter()) {
+            c.latched = s.latched.is_some();
+            c.dest = s.dest().map(|a| inner.to_sock_addr(a));
+        }
+    }
+
+    fn latch(&mut self, inner: &SessionInner, idx: usize, src: SocketAddr) {
+        let mut slots = inner.slots.lock();
+        if slots[idx].latched.is_none() {
+            slots[idx].latched = Some(unmap(src));
+            inner.generation.fetch_add(1, Ordering::Release);
+            debug!(slot = idx, %src, sdp = ?slots[idx].sdp, "media latched");
+        }
+        self.load(inner, &slots);
+    }
+
+    /// Relays every datagram ready on socket `idx`. Returns true when it stopped because
+    /// of the per-wakeup budget (more may be waiting), false once the socket is drained
+    /// (the waker is then registered with the reactor).
+    fn drain(&mut self, inner: &SessionInner, idx: usize, cx: &mut Context<'_>) -> bool {
+        let sock = &inner.socks[idx];
+        let out = idx ^ 2;
+        for _ in 0..BUDGET_PER_SOCKET {
+            let mut rb = ReadBuf::new(&mut self.buf);
+            let src = match sock.poll_recv_from(cx, &mut rb) {
+                Poll::Pending => return false,
+                Poll::Ready(Ok(src)) => src,
+                Poll::Ready(Err(e)) => {
+                    // Unconnected UDP sockets report almost nothing here (no ICMP errors);
+                    // whatever it is concerns one datagram, so count it and go on.
+                    trace!(slot = idx, error = %e, "media recv error");
+                    self.counts[idx].dropped += 1;
+                    continue;
+                }
+            };
+            let n = rb.filled().len();
+            if n >= self.buf.len() {
+                self.counts[idx].dropped += 1;
+                continue;
+            }
+            if !self.cache[idx].latched {
+                self.latch(inner, idx, src);
+            }
+            let Some(dest) = &self.cache[out].dest else {
+                self.counts[idx].dropped += 1;
+                continue;
+            };
+            // Sent straight through the fd rather than tokio's try_send_to, which refuses
+            // to even try until the reactor has reported the socket writable once. A UDP
+            // send only blocks when the socket buffer is full; media is then dropped,
+            // never queued (late audio is useless).
+            match SockRef::from(&inner.socks[out]).send_to(&self.buf[..n], dest) {
+                Ok(_) => {
+                    let c = &mut self.counts[idx];
+                    c.packets += 1;
+                    c.bytes += n as u64;
+                }
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        trace!(slot = out, error = %e, "media send error");
+                    }
+                    self.counts[idx].dropped += 1;
+                }
+            }
+        }
+        true
+    }
+
+    /// Publishes the batched counters: a few atomic adds per wakeup, not per packet.
+    fn flush(&mut self, inner: &SessionInner) {
+        for (local, shared) in self.counts.iter_mut().zip(inner.counters.iter()) {
+            if local.packets != 0 {
+                shared.packets.fetch_add(local.packets, Ordering::Relaxed);
+                shared.bytes.fetch_add(local.bytes, Ordering::Relaxed);
+            }
+            if local.dropped != 0 {
+                shared.dropped.fetch_add(local.dropped, Ordering::Relaxed);
+            }
+            *local = LocalCount::default();
+        }
+    }
+}
+
+/// The relay task. `only = None` serves all four sockets of the session from one task;
+/// `Some(i)` serves socket `i` alone (one task per socket).
+///
+/// Written as a hand-rolled poll loop rather than `select!` over `readable()`: one
+/// wakeup polls each socket once and drains it, with no futures built per iteration.
+pub(crate) async fn run(weak: Weak<SessionInner>, only: Option<usize>) {
+    let mut relayer = Relayer::new();
+    poll_fn(move |cx| {
+        // The session owns the sockets; once it is gone there is nothing left to do.
+        let Some(inner) = weak.upgrade() else {
+            return Poll::Ready(());
+        };
+        relayer.refresh(&inner);
+        let mut more = false;
+        match only {
+            Some(idx) => more |= relayer.drain(&inner, idx, cx),
+            None => {
+                for idx in 0..4 {
+                    more |= relayer.drain(&inner, idx, cx);
+                }
+            }
+        }
+        relayer.flush(&inner);
+        if more {
+            // Budget used up with datagrams still queued: come back after the others ran.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Socket address for a party's RTCP when signalling gave only the RTP address.
+pub(crate) fn rtcp_default(rtp: SocketAddr) -> Option<SocketAddr> {
+    rtp.port()
+        .checked_add(1)
+        .map(|p| SocketAddr::new(rtp.ip(), p))
+}
+
+/// Normalises v4-mapped IPv6 sources so latched addresses print and compare as IPv4.
+pub(crate) fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}

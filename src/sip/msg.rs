@@ -1,0 +1,424 @@
+//! Validation of received messages and construction of the ones crossbar sends.
+//!
+//! Everything that arrives from the network goes through [`Incoming::parse`]
+//! once: it parses with rsipstack and checks the headers RFC 3261 §8.1.1
+//! requires, so later code can rely on them without unwraps. A malformed
+//! request gets a 400 with a `Warning` saying what was wrong
+//! ([`bad_request_raw`] even works on bytes rsipstack cannot parse).
+
+use rsipstack::sip::headers::make_header;
+use rsipstack::sip::{Header, Headers, Method, Request, Response, SipMessage, StatusCode, Uri, Version};
+use std::net::SocketAddr;
+
+/// The transport a message came in on or must go out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl Proto {
+    pub fn via_name(self) -> &'static str {
+        match self {
+            Proto::Udp => "UDP",
+            Proto::Tcp => "TCP",
+        }
+    }
+    pub fn reliable(self) -> bool {
+        !matches!(self, Proto::Udp)
+    }
+    pub fn param(self) -> &'static str {
+        match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+        }
+    }
+}
+
+/// Where a message came from / goes to: a transport and a remote address
+/// (for TCP the connection to that address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub proto: Proto,
+    pub addr: SocketAddr,
+}
+
+/// Why a received message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("unparseable SIP message: {0}")]
+    Parse(String),
+    #[error("missing or invalid {0} header")]
+    Header(&'static str),
+    #[error("Max-Forwards exhausted")]
+    TooManyHops,
+}
+
+/// A parsed, validated message with the fields routing needs.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub msg: SipMessage,
+    pub peer: Peer,
+    pub call_id: String,
+    pub cseq: u32,
+    pub cseq_method: Method,
+    pub from_tag: Option<String>,
+    pub to_tag: Option<String>,
+    pub from_uri: Uri,
+    pub to_uri: Uri,
+}
+
+impl Incoming {
+    pub fn parse(bytes: &[u8], peer: Peer) -> Result<Incoming, MessageError> {
+        let msg = rsipstack::sip::parser::parse_message(bytes).map_err(|e| MessageError::Parse(e.to_string()))?;
+        Self::validate(msg, peer)
+    }
+
+    pub fn validate(msg: SipMessage, peer: Peer) -> Result<Incoming, MessageError> {
+        let headers = headers_of(&msg);
+        let call_id = header(headers, "Call-ID").map(str::trim).filter(|v| !v.is_empty()).ok_or(MessageError::Header("Call-ID"))?;
+        let (cseq, cseq_method) = header(headers, "CSeq").and_then(parse_cseq).ok_or(MessageError::Header("CSeq"))?;
+        let from = header(headers, "From").and_then(|v| rsipstack::sip::typed::From::parse(v).ok()).ok_or(MessageError::Header("From"))?;
+        let to = header(headers, "To").and_then(|v| rsipstack::sip::typed::To::parse(v).ok()).ok_or(MessageError::Header("To"))?;
+        let via = header(headers, "Via").ok_or(MessageError::Header("Via"))?;
+        if rsipstack::sip::typed::Via::parse(first_of_list(via)).is_err() {
+            return Err(MessageError::Header("Via"));
+        }
+        if let SipMessage::Request(req) = &msg {
+            if req.method != cseq_method && !(req.method == Method::Ack && cseq_method == Method::Invite) && req.method != Method::Cancel {
+                return Err(MessageError::Header("CSeq"));
+            }
+            if let Some(mf) = header(headers, "Max-Forwards") {
+                match mf.trim().parse::<u32>() {
+                    Ok(0) if req.method != Method::Options => return Err(MessageError::TooManyHops),
+                    Ok(_) => {}
+                    Err(_) => return Err(MessageError::Header("Max-Forwards")),
+                }
+            }
+            if req.method == Method::Cancel && cseq_method != Method::Cancel {
+                return Err(MessageError::Header("CSeq"));
+            }
+        }
+        Ok(Incoming {
+            call_id: call_id.to_string(),
+            cseq,
+            cseq_method,
+            from_tag: from.tag().map(|t| t.to_string()),
+            to_tag: to.tag().map(|t| t.to_string()),
+            from_uri: from.uri,
+            to_uri: to.uri,
+            peer,
+            msg,
+        })
+    }
+
+    pub fn request(&self) -> Option<&Request> {
+        match &self.msg {
+            SipMessage::Request(r) => Some(r),
+            SipMessage::Response(_) => None,
+        }
+    }
+
+    pub fn response(&self) -> Option<&Response> {
+        match &self.msg {
+            SipMessage::Response(r) => Some(r),
+            SipMessage::Request(_) => None,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(headers_of(&self.msg), name)
+    }
+}
+
+pub fn headers_of(msg: &SipMessage) -> &Headers {
+    match msg {
+        SipMessage::Request(r) => &r.headers,
+        SipMessage::Response(r) => &r.headers,
+    }
+}
+
+/// The first value of a header, by name (case-insensitive; compact forms are
+/// already mapped to full names by the parser).
+pub fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers.iter().find(|h| h.name().eq_ignore_ascii_case(name)).map(|h| h.value())
+}
+
+/// All values of a header, comma-joined lists split (not inside quotes or <>).
+pub fn header_values<'a>(headers: &'a Headers, name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|h| h.name().eq_ignore_ascii_case(name))
+        .flat_map(|h| split_list(h.value()))
+        .collect()
+}
+
+/// Splits a comma-separated header list, respecting quotes and angle brackets.
+pub fn split_list(v: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut depth, mut quoted, mut start) = (0i32, false, 0usize);
+    let bytes = v.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            b'<' if !quoted => depth += 1,
+            b'>' if !quoted => depth -= 1,
+            b',' if !quoted && depth <= 0 => {
+                let part = v[start..i].trim();
+                if !part.is_empty() {
+                    out.push(part);
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let part = v.get(start..).unwrap_or("").trim();
+    if !part.is_empty() {
+        out.push(part);
+    }
+    out
+}
+
+fn first_of_list(v: &str) -> &str {
+    split_list(v).into_iter().next().unwrap_or(v)
+}
+
+pub fn parse_cseq(v: &str) -> Option<(u32, Method)> {
+    let mut it = v.split_whitespace();
+    let n = it.next()?.parse::<u32>().ok()?;
+    let m = it.next()?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some((n, Method::try_from(m).ok()?))
+}
+
+/// A `tag=` or other parameter of a name-addr header value.
+pub fn param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    let after = value.rfind('>').map(|i| &value[i + 1..]).unwrap_or(value);
+    after.split(';').skip(if value.contains('>') { 0 } else { 1 }).find_map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The URI inside a name-addr (`"Bob" <sip:bob@x>;tag=1` → `sip:bob@x`) or an addr-spec.
+pub fn name_addr_uri(value: &str) -> &str {
+    match (value.find('<'), value.find('>')) {
+        (Some(a), Some(b)) if b > a => &value[a + 1..b],
+        _ => value.split(';').next().unwrap_or(value).trim(),
+    }
+}
+
+/// Adds `;tag=` to a From/To value that has none.
+pub fn with_tag(value: &str, tag: &str) -> String {
+    if param(value, "tag").is_some() {
+        value.to_string()
+    } else if value.contains('<') {
+        format!("{value};tag={tag}")
+    } else {
+        // addr-spec form: parameters after it would belong to the URI; wrap it.
+        let (uri, rest) = value.split_once(';').unwrap_or((value, ""));
+        if rest.is_empty() {
+            format!("<{}>;tag={tag}", uri.trim())
+        } else {
+            format!("<{}>;{rest};tag={tag}", uri.trim())
+        }
+    }
+}
+
+pub fn push(headers: &mut Headers, name: &str, value: impl Into<String>) {
+    headers.push(make_header(name, value.into()));
+}
+
+pub fn remove(headers: &mut Headers, name: &str) {
+    headers.retain(|h| !h.name().eq_ignore_ascii_case(name));
+}
+
+/// Replaces the body, its Content-Type and Content-Length.
+pub fn set_body(headers: &mut Headers, body: &mut Vec<u8>, content_type: Option<&str>, new_body: Vec<u8>) {
+    remove(headers, "Content-Type");
+    remove(headers, "Content-Length");
+    if let Some(ct) = content_type {
+        if !new_body.is_empty() {
+            push(headers, "Content-Type", ct);
+        }
+    }
+    push(headers, "Content-Length", new_body.len().to_string());
+    *body = new_body;
+}
+
+/// A request built from parts; the header values must already be valid.
+pub fn build_request(method: Method, uri: &str, headers: Vec<(&str, String)>, content_type: Option<&str>, body: Vec<u8>) -> Option<Request> {
+    let uri = Uri::try_from(uri).ok()?;
+    let mut h = Headers::default();
+    for (n, v) in headers {
+        h.push(make_header(n, v));
+    }
+    let mut req = Request { method, uri, version: Version::V2, headers: h, body: Vec::new() };
+    set_body(&mut req.headers, &mut req.body, content_type, body);
+    Some(req)
+}
+
+/// A response to `req` (RFC 3261 §8.2.6): Vias, From, To (tagged), Call-ID, CSeq copied.
+pub fn response_to(req: &Request, code: u16, to_tag: Option<&str>) -> Response {
+    let mut h = Headers::default();
+    for hd in req.headers.iter() {
+        let name = hd.name();
+        if name.eq_ignore_ascii_case("Via") || name.eq_ignore_ascii_case("From") || name.eq_ignore_ascii_case("Call-ID") || name.eq_ignore_ascii_case("CSeq") {
+            h.push(hd.clone());
+        } else if name.eq_ignore_ascii_case("To") {
+            match to_tag {
+                Some(tag) if code != 100 => h.push(make_header("To", with_tag(hd.value(), tag))),
+                _ => h.push(hd.clone()),
+            }
+        }
+    }
+    push(&mut h, "Content-Length", "0");
+    Response { status_code: StatusCode::from(code), wire_reason: None, version: Version::V2, headers: h, body: Vec::new() }
+}
+
+/// A response with a `Warning: 399` (or `Reason`) saying why, for refusals a person must understand.
+pub fn refusal(req: &Request, code: u16, to_tag: Option<&str>, host: &str, why: &str) -> Response {
+    let mut r = response_to(req, code, to_tag);
+    let why = why.replace('"', "'");
+    push(&mut r.headers, "Warning", format!("399 {host} \"{why}\""));
+    r
+}
+
+/// A 400 for bytes that rsipstack could not parse (or that failed validation),
+/// built from their raw header lines so that even a broken request gets an
+/// answer saying what is wrong. `None` for responses and for garbage without
+/// the headers a response needs.
+pub fn bad_request_raw(bytes: &[u8], host: &str, why: &str) -> Option<Vec<u8>> {
+    let head_end = find_subslice(bytes, b"\r\n\r\n").or_else(|| find_subslice(bytes, b"\n\n")).unwrap_or(bytes.len());
+    let head = String::from_utf8_lossy(&bytes[..head_end]);
+    let mut lines = head.lines();
+    let first = lines.next()?.trim();
+    if first.starts_with("SIP/") || first.split_whitespace().count() < 3 {
+        return None;
+    }
+    let mut out = String::from("SIP/2.0 400 Bad Request\r\n");
+    let (mut via, mut from, mut to, mut cid, mut cseq) = (false, false, false, false, false);
+    let mut current: Option<&str> = None;
+    let mut collected: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        if line.starts_with(' ') || line.starts_with('\t') {
+            if let (Some(_), Some(last)) = (current, collected.last_mut()) {
+                last.1.push(' ');
+                last.1.push_str(line.trim());
+            }
+            continue;
+        }
+        current = None;
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let canon = match name.trim().to_ascii_lowercase().as_str() {
+            "via" | "v" => "Via",
+            "from" | "f" => "From",
+            "to" | "t" => "To",
+            "call-id" | "i" => "Call-ID",
+            "cseq" => "CSeq",
+            _ => continue,
+        };
+        current = Some(canon);
+        collected.push((canon.to_string(), value.trim().to_string()));
+    }
+    for (name, value) in &collected {
+        // Header values go back as received, minus control characters that would break framing.
+        let value: String = value.chars().filter(|c| !c.is_control()).collect();
+        match name.as_str() {
+            "Via" => via = true,
+            "From" => from = true,
+            "To" => to = true,
+            "Call-ID" => cid = true,
+            _ => cseq = true,
+        }
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !via {
+        return None;
+    }
+    let _ = (from, to, cid, cseq);
+    let why: String = why.chars().filter(|c| !c.is_control() && *c != '"').take(200).collect();
+    out.push_str(&format!("Warning: 399 {host} \"{why}\"\r\nContent-Length: 0\r\n\r\n"));
+    Some(out.into_bytes())
+}
+
+fn find_subslice(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// Replaces the `Header` enum's value for the first header of that name.
+pub fn replace(headers: &mut Headers, name: &str, value: impl Into<String>) {
+    let value = value.into();
+    let mut done = false;
+    for h in headers.iter_mut() {
+        if !done && h.name().eq_ignore_ascii_case(name) {
+            *h = make_header(name, value.clone());
+            done = true;
+        }
+    }
+    if !done {
+        headers.push(make_header(name, value));
+    }
+}
+
+pub fn is_header(h: &Header, name: &str) -> bool {
+    h.name().eq_ignore_ascii_case(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> Peer {
+        Peer { proto: Proto::Udp, addr: "127.0.0.1:5070".parse().unwrap() }
+    }
+
+    const INVITE: &str = "INVITE sip:1001@acme.localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\nMax-Forwards: 70\r\nFrom: \"A\" <sip:a@x>;tag=abc\r\nTo: <sip:1001@acme.localhost>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+
+    #[test]
+    fn validates_and_extracts() {
+        let m = Incoming::parse(INVITE.as_bytes(), peer()).unwrap();
+        assert_eq!(m.call_id, "c1");
+        assert_eq!(m.cseq, 1);
+        assert_eq!(m.from_tag.as_deref(), Some("abc"));
+        assert_eq!(m.to_tag, None);
+        assert_eq!(m.to_uri.user(), Some("1001"));
+    }
+
+    #[test]
+    fn missing_headers_are_named() {
+        let bad = INVITE.replace("Call-ID: c1\r\n", "");
+        let e = Incoming::parse(bad.as_bytes(), peer()).unwrap_err();
+        assert!(e.to_string().contains("Call-ID"), "{e}");
+        let bad = INVITE.replace("CSeq: 1 INVITE", "CSeq: 1 BYE");
+        assert!(Incoming::parse(bad.as_bytes(), peer()).is_err());
+    }
+
+    #[test]
+    fn raw_400_echoes_headers_and_reason() {
+        let r = bad_request_raw(INVITE.as_bytes(), "127.0.0.1", "bad \"thing\"").unwrap();
+        let s = String::from_utf8(r).unwrap();
+        assert!(s.starts_with("SIP/2.0 400"));
+        assert!(s.contains("Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n"));
+        assert!(s.contains("Warning: 399 127.0.0.1 \"bad thing\""));
+        assert!(bad_request_raw(b"SIP/2.0 200 OK\r\n\r\n", "h", "x").is_none());
+        assert!(bad_request_raw(b"\x00\xff garbage", "h", "x").is_none());
+    }
+
+    #[test]
+    fn tags_and_params() {
+        assert_eq!(param("<sip:a@b>;tag=1;x=2", "tag"), Some("1"));
+        assert_eq!(param("sip:a@b;tag=1", "tag"), Some("1"));
+        assert_eq!(param("<sip:a@b;tag=no>", "tag"), None);
+        assert_eq!(with_tag("<sip:a@b>", "t"), "<sip:a@b>;tag=t");
+        assert_eq!(with_tag("sip:a@b", "t"), "<sip:a@b>;tag=t");
+        assert_eq!(name_addr_uri("\"x, y\" <sip:a@b;lr>;q=1"), "sip:a@b;lr");
+        assert_eq!(split_list("<sip:a,b>, \"c,d\" <sip:c>"), vec!["<sip:a,b>", "\"c,d\" <sip:c>"]);
+    }
+}

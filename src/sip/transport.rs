@@ -1,0 +1,315 @@
+//! SIP transports: UDP sockets and TCP connections (RFC 3261 §18).
+//!
+//! A thin driver: it reads datagrams and TCP frames, hands each message's bytes
+//! to a [`Sink`] with the [`Peer`] it came from, and sends bytes to a peer.
+//! Everything SIP-specific above framing lives elsewhere.
+
+use super::msg::{Peer, Proto};
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+/// Largest SIP message accepted on a stream (bigger frames close the connection).
+const MAX_STREAM_MESSAGE: usize = 64 * 1024;
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Receives every message (one datagram / one framed TCP message).
+pub trait Sink: Send + Sync + 'static {
+    fn on_message(&self, bytes: &[u8], peer: Peer);
+}
+
+/// The node's SIP sockets; cheap to share.
+pub struct Transports {
+    udp: Vec<Arc<UdpSocket>>,
+    udp_local: Vec<SocketAddr>,
+    tcp_listeners: parking_lot::Mutex<Vec<TcpListener>>,
+    tcp_local: Vec<SocketAddr>,
+    conns: DashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
+    /// Where received messages go; set once by [`Transports::start`].
+    sink: std::sync::OnceLock<Arc<dyn Sink>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind SIP {proto} on {addr}: {source} (is another process using the port? change [sip] in the config)")]
+    Bind { proto: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+impl Transports {
+    pub async fn bind(udp: &[SocketAddr], tcp: &[SocketAddr]) -> Result<Arc<Transports>, TransportError> {
+        let mut sockets = Vec::new();
+        let mut udp_local = Vec::new();
+        for addr in udp {
+            let s = bind_udp(*addr).map_err(|source| TransportError::Bind { proto: "UDP", addr: *addr, source })?;
+            udp_local.push(s.local_addr().unwrap_or(*addr));
+            sockets.push(Arc::new(s));
+        }
+        let mut listeners = Vec::new();
+        let mut tcp_local = Vec::new();
+        for addr in tcp {
+            let l = TcpListener::bind(addr).await.map_err(|source| TransportError::Bind { proto: "TCP", addr: *addr, source })?;
+            tcp_local.push(l.local_addr().unwrap_or(*addr));
+            listeners.push(l);
+        }
+        Ok(Arc::new(Transports {
+            udp: sockets,
+            udp_local,
+            tcp_listeners: parking_lot::Mutex::new(listeners),
+            tcp_local,
+            conns: DashMap::new(),
+            sink: std::sync::OnceLock::new(),
+        }))
+    }
+
+    pub fn udp_port(&self) -> Option<u16> {
+        self.udp_local.first().map(|a| a.port())
+    }
+
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.tcp_local.first().map(|a| a.port())
+    }
+
+    /// The port crossbar listens on for `proto` (for Via and Contact).
+    pub fn port(&self, proto: Proto) -> u16 {
+        match proto {
+            Proto::Udp => self.udp_port().or(self.tcp_port()),
+            Proto::Tcp => self.tcp_port().or(self.udp_port()),
+        }
+        .unwrap_or(5060)
+    }
+
+    /// Starts the receive loops; runs until the process ends.
+    pub fn start(self: &Arc<Self>, sink: Arc<dyn Sink>) {
+        let _ = self.sink.set(sink.clone());
+        for sock in &self.udp {
+            let sock = sock.clone();
+            let sink = sink.clone();
+            tokio::spawn(async move { udp_loop(sock, sink).await });
+        }
+        for listener in self.tcp_listeners.lock().drain(..) {
+            let me = self.clone();
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, addr)) => {
+                            let _ = stream.set_nodelay(true);
+                            me.clone().run_connection(stream, addr, sink.clone());
+                        }
+                        Err(e) => {
+                            tracing::warn!("TCP accept failed: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Sends bytes to a peer. UDP is fire-and-forget; TCP reuses the peer's
+    /// connection or opens one.
+    pub fn send(self: &Arc<Self>, peer: Peer, bytes: Vec<u8>) {
+        match peer.proto {
+            Proto::Udp => {
+                let Some(sock) = self.udp_for(peer.addr) else {
+                    tracing::warn!("no UDP socket to send to {}", peer.addr);
+                    return;
+                };
+                match sock.try_send_to(&bytes, peer.addr) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::spawn(async move {
+                            let _ = sock.send_to(&bytes, peer.addr).await;
+                        });
+                    }
+                    Err(e) => tracing::debug!("UDP send to {} failed: {e}", peer.addr),
+                }
+            }
+            Proto::Tcp => {
+                if let Some(tx) = self.conns.get(&peer.addr) {
+                    if tx.send(bytes).is_ok() {
+                        return;
+                    }
+                    drop(tx);
+                    self.conns.remove(&peer.addr);
+                    tracing::debug!("TCP connection to {} is gone", peer.addr);
+                    return;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(peer.addr)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = stream.set_nodelay(true);
+                            let tx = me.clone().run_connection(stream, peer.addr, me.sink());
+                            let _ = tx.send(bytes);
+                        }
+                        _ => tracing::debug!("TCP connect to {} failed", peer.addr),
+                    }
+                });
+            }
+        }
+    }
+
+    fn sink(&self) -> Arc<dyn Sink> {
+        self.sink.get().cloned().unwrap_or_else(|| Arc::new(NullSink))
+    }
+
+    fn udp_for(&self, dest: SocketAddr) -> Option<Arc<UdpSocket>> {
+        self.udp
+            .iter()
+            .zip(&self.udp_local)
+            .find(|(_, l)| l.is_ipv4() == dest.is_ipv4())
+            .map(|(s, _)| s.clone())
+            .or_else(|| self.udp.first().cloned())
+    }
+
+    fn run_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, sink: Arc<dyn Sink>) -> mpsc::UnboundedSender<Vec<u8>> {
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        self.conns.insert(addr, tx.clone());
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let me = self.clone();
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            let peer = Peer { proto: Proto::Tcp, addr };
+            let mut buf: Vec<u8> = Vec::with_capacity(8192);
+            let mut chunk = vec![0u8; 16 * 1024];
+            'conn: loop {
+                // Frame what is buffered before reading more (pipelined messages).
+                loop {
+                    match next_frame(&buf) {
+                        Frame::Message(len) => {
+                            let msg: Vec<u8> = buf.drain(..len).collect();
+                            sink.on_message(&msg, peer);
+                        }
+                        Frame::KeepAlive(len) => {
+                            // RFC 5626 §3.5.1: a double-CRLF ping gets a single-CRLF pong.
+                            buf.drain(..len);
+                            if len >= 4 {
+                                let _ = tx2.send(b"\r\n".to_vec());
+                            }
+                        }
+                        Frame::Incomplete => break,
+                        Frame::Invalid(why) => {
+                            tracing::debug!("closing TCP connection from {addr}: {why}");
+                            if let Some(resp) = super::msg::bad_request_raw(&buf, "crossbar", why) {
+                                let _ = tx2.send(resp);
+                            }
+                            break 'conn;
+                        }
+                    }
+                }
+                if buf.len() > MAX_STREAM_MESSAGE {
+                    break;
+                }
+                match rd.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            me.conns.remove_if(&addr, |_, v| v.same_channel(&tx2));
+        });
+        tx
+    }
+}
+
+struct NullSink;
+impl Sink for NullSink {
+    fn on_message(&self, _: &[u8], _: Peer) {}
+}
+
+enum Frame {
+    Message(usize),
+    KeepAlive(usize),
+    Incomplete,
+    Invalid(&'static str),
+}
+
+/// Stream framing (RFC 3261 §18.3): headers end at CRLFCRLF, Content-Length
+/// is mandatory and gives the body size.
+fn next_frame(buf: &[u8]) -> Frame {
+    let crlfs = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+    if crlfs > 0 {
+        return Frame::KeepAlive(crlfs);
+    }
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() > MAX_STREAM_MESSAGE { Frame::Invalid("header section too large") } else { Frame::Incomplete };
+    };
+    let head = &buf[..end];
+    let mut length: Option<usize> = None;
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let name = String::from_utf8_lossy(&line[..colon]);
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("l") {
+            let v = String::from_utf8_lossy(&line[colon + 1..]);
+            match v.trim().parse::<usize>() {
+                Ok(n) if n <= MAX_STREAM_MESSAGE => length = Some(n),
+                _ => return Frame::Invalid("invalid Content-Length"),
+            }
+        }
+    }
+    let Some(len) = length else { return Frame::Invalid("Content-Length is required on stream transports") };
+    let total = end + 4 + len;
+    if buf.len() >= total {
+        Frame::Message(total)
+    } else {
+        Frame::Incomplete
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+async fn udp_loop(sock: Arc<UdpSocket>, sink: Arc<dyn Sink>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(v) => v,
+            Err(e) => {
+                // ICMP errors (ECONNREFUSED) surface here on Linux; they are not fatal.
+                tracing::trace!("UDP receive error: {e}");
+                continue;
+            }
+        };
+        let data = &buf[..n];
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            continue; // keep-alive
+        }
+        sink.on_message(data, Peer { proto: Proto::Udp, addr: from });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_pipelined_messages() {
+        let m = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 3\r\n\r\nabcOPTIONS sip:b SIP/2.0\r\nl: 0\r\n\r\n";
+        let Frame::Message(n) = next_frame(m) else { panic!() };
+        assert_eq!(&m[n - 3..n], b"abc");
+        assert!(matches!(next_frame(&m[n..]), Frame::Message(x) if x == m.len() - n));
+        assert!(matches!(next_frame(b"\r\n\r\nOPT"), Frame::KeepAlive(4)));
+        assert!(matches!(next_frame(b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 10\r\n\r\nabc"), Frame::Incomplete));
+        assert!(matches!(next_frame(b"OPTIONS sip:a SIP/2.0\r\n\r\n"), Frame::Invalid(_)));
+        assert!(matches!(next_frame(b"OPTIONS sip:a SIP/2.0\r\nContent-Length: -1\r\n\r\n"), Frame::Invalid(_)));
+    }
+}
