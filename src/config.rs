@@ -354,7 +354,7 @@ impl Config {
 /// Parses TOML and turns serde's error into one that names the field and the line.
 fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let line = e.span().map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1);
         let msg = e.message().to_string();
         // serde names the field in its message ("missing field `domain`", "unknown field `x`").
         let field = msg.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "(syntax)".into());

@@ -653,7 +653,7 @@ impl B2bua {
         match ev {
             ClientEvent::Provisional(resp) => {
                 let code = u16::from(resp.status_code.clone());
-                if code == 100 || self.a_invite_final {
+                if code == 100 {
                     return;
                 }
                 self.b_provisional = true;
@@ -661,6 +661,9 @@ impl B2bua {
                 if self.cancel_pending {
                     self.cancel_pending = false;
                     self.send_cancel_b(now);
+                    return;
+                }
+                if self.a_invite_final {
                     return;
                 }
                 let mut r = self.response_for_a(code);

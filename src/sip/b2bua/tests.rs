@@ -186,7 +186,8 @@ fn unacked_200_tears_the_call_down() {
     let inv = h.last_b_request("INVITE");
     h.from_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
     h.advance(Duration::from_secs(40));
-    assert_eq!(Harness::count(&h.to_b, "BYE"), 1, "callee hung up when the caller never ACKs");
+    let byes: std::collections::HashSet<&str> = h.to_b.iter().filter(|m| m.starts_with("BYE")).filter_map(|m| m.lines().find(|l| l.starts_with("Via:"))).collect();
+    assert_eq!(byes.len(), 1, "callee hung up (one BYE transaction) when the caller never ACKs");
     assert_eq!(h.ended.len(), 1);
 }
 
@@ -256,7 +257,6 @@ fn cancel_racing_200_hangs_up_the_callee() {
     h.from_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
     assert!(h.to_b.iter().any(|m| m.starts_with("ACK")), "the 2xx is ACKed");
     assert_eq!(Harness::count(&h.to_b, "BYE"), 1, "and the callee hung up");
-    assert_eq!(Harness::count(&h.to_a, "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKinv"), 0);
     assert!(!h.to_a.iter().any(|m| m.starts_with("SIP/2.0 200") && m.contains("CSeq: 1 INVITE")), "the caller never sees a 200");
     assert_eq!(h.ended[0].disposition, Disposition::Cancelled);
 }
