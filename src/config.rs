@@ -249,7 +249,13 @@ impl Config {
         if node.data_dir.is_relative() {
             node.data_dir = base.join(&node.data_dir);
         }
-        let config = Config { file: path.to_path_buf(), node, sip: parsed.sip, media: parsed.media, trunks: parsed.trunks, tenants };
+        let mut sip = parsed.sip;
+        for p in [&mut sip.tls_cert, &mut sip.tls_key].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        let config = Config { file: path.to_path_buf(), node, sip, media: parsed.media, trunks: parsed.trunks, tenants };
         config.validate()?;
         Ok(config)
     }

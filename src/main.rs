@@ -55,6 +55,7 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    crossbar::sip::transport::install_crypto_provider();
     rt.block_on(async move {
         let summary = summary(&config);
         let (node, _sup) = match crossbar::actors::node::start(config).await {
@@ -83,8 +84,9 @@ fn summary(c: &Config) -> String {
     let udp: Vec<String> = c.sip.udp.iter().map(|a| a.to_string()).collect();
     let tcp: Vec<String> = c.sip.tcp.iter().map(|a| a.to_string()).collect();
     let tenants: Vec<String> = c.tenants.iter().map(|t| t.to_string()).collect();
+    let tls = c.sip.tls.map(|a| format!(" tls={a}")).unwrap_or_default();
     format!(
-        "SIP udp={} tcp={}, RTP {}:{}-{}, tenants: {}",
+        "SIP udp={} tcp={}{tls}, RTP {}:{}-{}, tenants: {}",
         udp.join(","),
         tcp.join(","),
         c.media.public_ip,

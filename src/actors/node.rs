@@ -18,7 +18,7 @@ use crate::media::{MediaConfig, MediaEngine};
 use crate::sip::auth::NonceSecret;
 use crate::sip::msg::{Peer, Proto};
 use crate::sip::transaction::TimerConfig;
-use crate::sip::transport::Transports;
+use crate::sip::transport::{TlsSettings, Transports};
 use dashmap::DashMap;
 use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -72,7 +72,11 @@ impl Node {
 /// Binds the listeners, starts the supervision tree and the transports.
 /// Returns once everything is up.
 pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box<dyn std::error::Error + Send + Sync>> {
-    let transports = Transports::bind(&config.sip.udp, &config.sip.tcp).await?;
+    let tls = match (config.sip.tls, &config.sip.tls_cert, &config.sip.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => Some(TlsSettings { addr, cert: cert.clone(), key: key.clone() }),
+        _ => None,
+    };
+    let transports = Transports::bind(&config.sip.udp, &config.sip.tcp, tls.as_ref()).await?;
     let media = MediaEngine::new(MediaConfig {
         bind_ip: config.media.bind_ip,
         public_ip: config.media.public_ip,

@@ -8,7 +8,7 @@ use super::msg::{Peer, Proto};
 use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -27,6 +27,8 @@ pub struct Transports {
     udp_local: Vec<SocketAddr>,
     tcp_listeners: parking_lot::Mutex<Vec<TcpListener>>,
     tcp_local: Vec<SocketAddr>,
+    tls_listener: parking_lot::Mutex<Option<(TcpListener, tokio_rustls::TlsAcceptor)>>,
+    tls_local: Option<SocketAddr>,
     conns: DashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     /// Where received messages go; set once by [`Transports::start`].
     sink: std::sync::OnceLock<Arc<dyn Sink>>,
@@ -36,10 +38,41 @@ pub struct Transports {
 pub enum TransportError {
     #[error("cannot bind SIP {proto} on {addr}: {source} (is another process using the port? change [sip] in the config)")]
     Bind { proto: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot load TLS certificate/key {path}: {why} (set sip.tls_cert and sip.tls_key to PEM files)")]
+    Tls { path: String, why: String },
+}
+
+/// TLS listener settings: address and PEM certificate chain and private key.
+pub struct TlsSettings {
+    pub addr: SocketAddr,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Installs the process-wide rustls crypto provider (ring) once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn tls_acceptor(t: &TlsSettings) -> Result<tokio_rustls::TlsAcceptor, TransportError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |path: &std::path::Path, why: String| TransportError::Tls { path: path.display().to_string(), why };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
+        .map_err(|e| err(&t.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(&t.cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err(&t.cert, "no certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key).map_err(|e| err(&t.key, e.to_string()))?;
+    install_crypto_provider();
+    let cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).map_err(|e| err(&t.cert, e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 impl Transports {
-    pub async fn bind(udp: &[SocketAddr], tcp: &[SocketAddr]) -> Result<Arc<Transports>, TransportError> {
+    pub async fn bind(udp: &[SocketAddr], tcp: &[SocketAddr], tls: Option<&TlsSettings>) -> Result<Arc<Transports>, TransportError> {
         let mut sockets = Vec::new();
         let mut udp_local = Vec::new();
         for addr in udp {
@@ -54,7 +87,17 @@ impl Transports {
             tcp_local.push(l.local_addr().unwrap_or(*addr));
             listeners.push(l);
         }
+        let mut tls_listener = None;
+        let mut tls_local = None;
+        if let Some(t) = tls {
+            let acceptor = tls_acceptor(t)?;
+            let l = TcpListener::bind(t.addr).await.map_err(|source| TransportError::Bind { proto: "TLS", addr: t.addr, source })?;
+            tls_local = Some(l.local_addr().unwrap_or(t.addr));
+            tls_listener = Some((l, acceptor));
+        }
         Ok(Arc::new(Transports {
+            tls_listener: parking_lot::Mutex::new(tls_listener),
+            tls_local,
             udp: sockets,
             udp_local,
             tcp_listeners: parking_lot::Mutex::new(listeners),
@@ -73,10 +116,15 @@ impl Transports {
     }
 
     /// The port crossbar listens on for `proto` (for Via and Contact).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_local.map(|a| a.port())
+    }
+
     pub fn port(&self, proto: Proto) -> u16 {
         match proto {
             Proto::Udp => self.udp_port().or(self.tcp_port()),
             Proto::Tcp => self.tcp_port().or(self.udp_port()),
+            Proto::Tls => self.tls_port().or(self.tcp_port()),
         }
         .unwrap_or(5060)
     }
@@ -89,6 +137,7 @@ impl Transports {
             let sink = sink.clone();
             tokio::spawn(async move { udp_loop(sock, sink).await });
         }
+        self.start_tls(sink.clone());
         for listener in self.tcp_listeners.lock().drain(..) {
             let me = self.clone();
             let sink = sink.clone();
@@ -97,7 +146,7 @@ impl Transports {
                     match listener.accept().await {
                         Ok((stream, addr)) => {
                             let _ = stream.set_nodelay(true);
-                            me.clone().run_connection(stream, addr, sink.clone());
+                            me.clone().run_connection(stream, addr, Proto::Tcp, sink.clone());
                         }
                         Err(e) => {
                             tracing::warn!("TCP accept failed: {e}");
@@ -107,6 +156,35 @@ impl Transports {
                 }
             });
         }
+    }
+
+    fn start_tls(self: &Arc<Self>, sink: Arc<dyn Sink>) {
+        let Some((listener, acceptor)) = self.tls_listener.lock().take() else { return };
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, addr) = match listener.accept().await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!("TLS accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (me, sink, acceptor) = (me.clone(), sink.clone(), acceptor.clone());
+                // The handshake runs in its own task so a slow client cannot stall the listener.
+                tokio::spawn(async move {
+                    match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            me.run_connection(tls, addr, Proto::Tls, sink);
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {addr} failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {addr} timed out"),
+                    }
+                });
+            }
+        });
     }
 
     /// Sends bytes to a peer. UDP is fire-and-forget; TCP reuses the peer's
@@ -128,7 +206,7 @@ impl Transports {
                     Err(e) => tracing::debug!("UDP send to {} failed: {e}", peer.addr),
                 }
             }
-            Proto::Tcp => {
+            Proto::Tcp | Proto::Tls => {
                 if let Some(tx) = self.conns.get(&peer.addr) {
                     if tx.send(bytes).is_ok() {
                         return;
@@ -138,12 +216,17 @@ impl Transports {
                     tracing::debug!("TCP connection to {} is gone", peer.addr);
                     return;
                 }
+                if peer.proto == Proto::Tls {
+                    // crossbar only answers on TLS connections peers opened (no outbound TLS yet).
+                    tracing::debug!("no TLS connection to {}", peer.addr);
+                    return;
+                }
                 let me = self.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(peer.addr)).await {
                         Ok(Ok(stream)) => {
                             let _ = stream.set_nodelay(true);
-                            let tx = me.clone().run_connection(stream, peer.addr, me.sink());
+                            let tx = me.clone().run_connection(stream, peer.addr, Proto::Tcp, me.sink());
                             let _ = tx.send(bytes);
                         }
                         _ => tracing::debug!("TCP connect to {} failed", peer.addr),
@@ -166,8 +249,11 @@ impl Transports {
             .or_else(|| self.udp.first().cloned())
     }
 
-    fn run_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr, sink: Arc<dyn Sink>) -> mpsc::UnboundedSender<Vec<u8>> {
-        let (mut rd, mut wr) = stream.into_split();
+    fn run_connection<S>(self: Arc<Self>, stream: S, addr: SocketAddr, proto: Proto, sink: Arc<dyn Sink>) -> mpsc::UnboundedSender<Vec<u8>>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         self.conns.insert(addr, tx.clone());
         tokio::spawn(async move {
@@ -180,7 +266,7 @@ impl Transports {
         let me = self.clone();
         let tx2 = tx.clone();
         tokio::spawn(async move {
-            let peer = Peer { proto: Proto::Tcp, addr };
+            let peer = Peer { proto, addr };
             let mut buf: Vec<u8> = Vec::with_capacity(8192);
             let mut chunk = vec![0u8; 16 * 1024];
             'conn: loop {
