@@ -5,10 +5,14 @@
 //! - [`config`]: node and tenant configuration (TOML), validated at start-up.
 //! - [`sip`]: SIP transports, sans-IO transactions, digest auth, SDP.
 //! - [`media`]: RTP port pool and the anchored RTP/RTCP relay.
+//! - [`store`]: the tenant-scoped `Store` trait (embedded redb, Redis) and the `Vault`.
+//! - [`crypto`]: master key and per-tenant data keys (envelope encryption).
 //! - [`actors`]: the ractor supervision tree: node, tenants, calls; `dispatch` routes received SIP.
 #![forbid(unsafe_code)]
 
 pub mod actors;
 pub mod config;
+pub mod crypto;
 pub mod media;
 pub mod sip;
+pub mod store;
