@@ -97,6 +97,11 @@ pub struct SipSection {
     pub min_expires: u32,
     #[serde(default = "default_max_expires")]
     pub max_expires: u32,
+    /// Offer the SHA-256 digest challenge before the MD5 one (RFC 8760 order of
+    /// preference). Off by default: many deployed UAs (SIPp 3.6 among them) only
+    /// read the first challenge and know only MD5. Both are always offered.
+    #[serde(default)]
+    pub digest_sha256_first: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -166,7 +166,11 @@ impl TenantState {
         let nonce = self.node().nonces.nonce(realm, SystemTime::now());
         let mut r = msg::response_to(req, code, Some(&stateless_tag(m)));
         let name = if code == 407 { "Proxy-Authenticate" } else { "WWW-Authenticate" };
-        for c in auth::challenges(realm, &nonce, stale) {
+        let mut challenges = auth::challenges(realm, &nonce, stale);
+        if !self.node().config.sip.digest_sha256_first {
+            challenges.reverse();
+        }
+        for c in challenges {
             msg::push(&mut r.headers, name, c);
         }
         self.node().send(m.peer, r.to_bytes());

@@ -105,8 +105,14 @@ impl SessionInner {
         rtcp: Option<SocketAddr>,
     ) {
         let mut slots = self.slots.lock();
-        slots[rtp_idx] = Slot { sdp: rtp, latched: None };
-        slots[rtp_idx + 1] = Slot { sdp: rtcp, latched: None };
+        slots[rtp_idx] = Slot {
+            sdp: rtp,
+            latched: None,
+        };
+        slots[rtp_idx + 1] = Slot {
+            sdp: rtcp,
+            latched: None,
+        };
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -125,12 +131,9 @@ impl SessionInner {
 
     fn to_sock_addr(&self, addr: SocketAddr) -> SockAddr {
         match addr {
-            SocketAddr::V4(v4) if self.v6_sockets => SockAddr::from(SocketAddrV6::new(
-                v4.ip().to_ipv6_mapped(),
-                v4.port(),
-                0,
-                0,
-            )),
+            SocketAddr::V4(v4) if self.v6_sockets => {
+                SockAddr::from(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
             other => SockAddr::from(other),
         }
     }

@@ -215,14 +215,16 @@ impl Sdp {
                     origin = Some(idx);
                 }
                 b'c' => {
-                    let conn = parse_conn(&line.value).ok_or_else(|| syntax("malformed c= line"))?;
+                    let conn =
+                        parse_conn(&line.value).ok_or_else(|| syntax("malformed c= line"))?;
                     match media.last_mut() {
                         Some(m) => m.conn = Some(conn),
                         None => session_conn = Some(conn),
                     }
                 }
                 b'm' => {
-                    let m = parse_media(&line.value, idx).ok_or_else(|| syntax("malformed m= line"))?;
+                    let m =
+                        parse_media(&line.value, idx).ok_or_else(|| syntax("malformed m= line"))?;
                     media.push(m);
                 }
                 b'a' => {
@@ -323,7 +325,9 @@ impl Sdp {
 
     /// Payload types of the first audio m= line, in order (for logs and CDRs).
     pub fn audio_payload_types(&self) -> Vec<String> {
-        self.first_audio().map(|m| m.fmts.clone()).unwrap_or_default()
+        self.first_audio()
+            .map(|m| m.fmts.clone())
+            .unwrap_or_default()
     }
 
     /// Rewrites an offer passing through crossbar so the receiving party sends media to
@@ -506,7 +510,8 @@ fn push_conn(out: &mut Vec<u8>, buf: &mut Vec<u8>, addrtype: &str, ip: IpAddr) {
 
 /// Space-separated fields (tabs and repeated spaces tolerated).
 fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|b| *b == b' ' || *b == b'\t').filter(|t| !t.is_empty())
+    v.split(|b| *b == b' ' || *b == b'\t')
+        .filter(|t| !t.is_empty())
 }
 
 fn first_token(v: &[u8]) -> &[u8] {
@@ -555,7 +560,9 @@ fn parse_media(v: &[u8], m_line: usize) -> Option<Media> {
         .parse::<u16>()
         .ok()?;
     let proto = ascii(t.next()?)?.to_owned();
-    let fmts = t.map(|f| ascii(f).map(str::to_owned)).collect::<Option<Vec<_>>>()?;
+    let fmts = t
+        .map(|f| ascii(f).map(str::to_owned))
+        .collect::<Option<Vec<_>>>()?;
     Some(Media {
         m_line,
         kind,
@@ -596,7 +603,6 @@ fn parse_rtcp(v: &[u8]) -> Option<(u16, Option<IpAddr>)> {
     let conn = parse_conn(&joined)?;
     Some((port, conn.addr))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -737,7 +743,10 @@ mod tests {
             a=rtpmap:101 telephone-event/8000
         ",
         );
-        let err = Sdp::parse(&body).unwrap().rewrite_offer(local4()).unwrap_err();
+        let err = Sdp::parse(&body)
+            .unwrap()
+            .rewrite_offer(local4())
+            .unwrap_err();
         assert_eq!(err, SdpError::NoCommonCodec);
         assert_eq!(err.sip_status(), 488);
     }
@@ -822,16 +831,28 @@ mod tests {
             Sdp::parse(body.as_bytes()).unwrap()
         };
         assert_eq!(with("", "10.0.0.1").direction(), Direction::SendRecv);
-        assert_eq!(with("a=sendonly\r\n", "10.0.0.1").direction(), Direction::SendOnly);
-        assert_eq!(with("a=recvonly\r\n", "10.0.0.1").direction(), Direction::RecvOnly);
-        assert_eq!(with("a=inactive\r\n", "10.0.0.1").direction(), Direction::Inactive);
+        assert_eq!(
+            with("a=sendonly\r\n", "10.0.0.1").direction(),
+            Direction::SendOnly
+        );
+        assert_eq!(
+            with("a=recvonly\r\n", "10.0.0.1").direction(),
+            Direction::RecvOnly
+        );
+        assert_eq!(
+            with("a=inactive\r\n", "10.0.0.1").direction(),
+            Direction::Inactive
+        );
         assert!(with("a=inactive\r\n", "10.0.0.1").direction().is_hold());
         // RFC 2543 hold.
         let held = with("", "0.0.0.0");
         assert_eq!(held.direction(), Direction::SendOnly);
         assert!(held.direction().is_hold());
         assert_eq!(held.audio_rtp(), None);
-        assert_eq!(with("a=recvonly\r\n", "0.0.0.0").direction(), Direction::Inactive);
+        assert_eq!(
+            with("a=recvonly\r\n", "0.0.0.0").direction(),
+            Direction::Inactive
+        );
         // The hold address survives the rewrite so the far end still sees a hold.
         let out = text(&held.rewrite_offer(local4()).unwrap());
         assert!(out.contains("c=IN IP4 0.0.0.0\r\n"), "{out}");
@@ -840,9 +861,15 @@ mod tests {
         // Session-level attribute, overridden at media level.
         let body = "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n\
                     a=sendonly\r\nm=audio 5004 RTP/AVP 0\r\n";
-        assert_eq!(Sdp::parse(body.as_bytes()).unwrap().direction(), Direction::SendOnly);
+        assert_eq!(
+            Sdp::parse(body.as_bytes()).unwrap().direction(),
+            Direction::SendOnly
+        );
         let body = format!("{body}a=sendrecv\r\n");
-        assert_eq!(Sdp::parse(body.as_bytes()).unwrap().direction(), Direction::SendRecv);
+        assert_eq!(
+            Sdp::parse(body.as_bytes()).unwrap().direction(),
+            Direction::SendRecv
+        );
         // Disabled stream.
         let body = "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n\
                     m=audio 0 RTP/AVP 0\r\n";
@@ -867,7 +894,10 @@ mod tests {
         );
         let sdp = Sdp::parse(&body).unwrap();
         assert_eq!(sdp.audio_rtp(), Some("[2001:db8::1]:5004".parse().unwrap()));
-        assert_eq!(sdp.audio_rtcp(), Some("[2001:db8::2]:6000".parse().unwrap()));
+        assert_eq!(
+            sdp.audio_rtcp(),
+            Some("[2001:db8::2]:6000".parse().unwrap())
+        );
         let local6: SocketAddr = "[2001:db8:ffff::10]:40002".parse().unwrap();
         let out = text(&sdp.rewrite_offer(local6).unwrap());
         let expect = "v=0
@@ -903,7 +933,10 @@ mod tests {
         let sdp = Sdp::parse(&body).unwrap();
         assert_eq!(sdp.audio_rtcp(), Some("10.0.0.1:5005".parse().unwrap()));
         let out = text(&sdp.rewrite_answer(local4()).unwrap());
-        assert!(out.contains("a=rtcp:40001 IN IP4 198.51.100.7\r\n"), "{out}");
+        assert!(
+            out.contains("a=rtcp:40001 IN IP4 198.51.100.7\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -921,7 +954,10 @@ mod tests {
         let sdp = Sdp::parse(&body).unwrap();
         assert_eq!(sdp.audio_rtp(), Some("10.0.0.9:5004".parse().unwrap()));
         let out = text(&sdp.rewrite_offer(local4()).unwrap());
-        assert!(out.ends_with("m=audio 40000 RTP/AVP 0\r\nc=IN IP4 198.51.100.7\r\n"), "{out}");
+        assert!(
+            out.ends_with("m=audio 40000 RTP/AVP 0\r\nc=IN IP4 198.51.100.7\r\n"),
+            "{out}"
+        );
         // Both levels: media-level wins.
         let body = crlf(
             "v=0
@@ -933,7 +969,10 @@ mod tests {
             c=IN IP4 10.0.0.9
         ",
         );
-        assert_eq!(Sdp::parse(&body).unwrap().audio_rtp(), Some("10.0.0.9:5004".parse().unwrap()));
+        assert_eq!(
+            Sdp::parse(&body).unwrap().audio_rtp(),
+            Some("10.0.0.9:5004".parse().unwrap())
+        );
         // No c= anywhere (invalid but seen): ours is inserted after m= and i=.
         let body = crlf(
             "v=0
@@ -995,14 +1034,14 @@ mod tests {
             b"hello world",
             b"\x00\x01\x02\xff",
             b"v=1\r\no=- 1 1 IN IP4 1.2.3.4\r\n",
-            b"v=0\r\ns=-\r\n",                                   // no o=
-            b"v=0\r\no=- 1 1 IN IP4\r\n",                        // short o=
-            b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nc=IN IP4\r\n",    // short c=
+            b"v=0\r\ns=-\r\n",                                // no o=
+            b"v=0\r\no=- 1 1 IN IP4\r\n",                     // short o=
+            b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nc=IN IP4\r\n", // short c=
             b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nc=XX IP4 1.2.3.4\r\n",
             b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nm=audio abc RTP/AVP 0\r\n",
             b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nm=audio 70000 RTP/AVP 0\r\n",
             b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nm=audio\r\n",
-            b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=a\rb\r\n",      // bare CR inside a line
+            b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=a\rb\r\n", // bare CR inside a line
             b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nno equals sign\r\n",
             b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\nA=upper\r\n",
         ];
@@ -1011,12 +1050,21 @@ mod tests {
             assert_eq!(err.sip_status(), 400);
             // Warning-header safe: printable ASCII, no quotes.
             let msg = err.to_string();
-            assert!(msg.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"'), "{msg}");
+            assert!(
+                msg.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"'),
+                "{msg}"
+            );
         }
-        assert_eq!(Sdp::parse(&vec![b'a'; MAX_SDP_LEN + 1]), Err(SdpError::TooLarge));
+        assert_eq!(
+            Sdp::parse(&vec![b'a'; MAX_SDP_LEN + 1]),
+            Err(SdpError::TooLarge)
+        );
         assert_eq!(
             Sdp::parse(b"v=0\r\nbad\r\n"),
-            Err(SdpError::Syntax { line: 2, what: "expected <letter>=<value>" })
+            Err(SdpError::Syntax {
+                line: 2,
+                what: "expected <letter>=<value>"
+            })
         );
     }
 
@@ -1028,7 +1076,10 @@ mod tests {
         let _ = sdp.audio_payload_types();
         let _ = sdp.to_bytes();
         for local in [local4(), "[2001:db8::5]:65534".parse().unwrap()] {
-            for out in [sdp.rewrite_offer(local), sdp.rewrite_answer(local)].into_iter().flatten() {
+            for out in [sdp.rewrite_offer(local), sdp.rewrite_answer(local)]
+                .into_iter()
+                .flatten()
+            {
                 // Whatever we emit must itself be valid SDP pointing at us.
                 let again = Sdp::parse(&out).expect("rewritten SDP parses");
                 if let Some(rtp) = again.audio_rtp() {
@@ -1069,7 +1120,11 @@ mod tests {
         // Random bytes, with and without a valid-looking start.
         for i in 0..3000 {
             let len = rng.gen_range(0..300);
-            let mut b: Vec<u8> = if i % 2 == 0 { b"v=0\r\n".to_vec() } else { Vec::new() };
+            let mut b: Vec<u8> = if i % 2 == 0 {
+                b"v=0\r\n".to_vec()
+            } else {
+                Vec::new()
+            };
             b.extend((0..len).map(|_| rng.gen::<u8>()));
             if let Ok(sdp) = Sdp::parse(&b) {
                 exercise(&sdp);

@@ -459,6 +459,8 @@ pub struct SippOutcome {
     pub errors: String,
     /// The final screen (`-trace_screen`).
     pub screen: String,
+    /// Every SIP message sent and received (`-trace_msg`).
+    pub messages: String,
 }
 
 impl SippOutcome {
@@ -468,13 +470,14 @@ impl SippOutcome {
     /// Everything needed to understand a failure.
     pub fn report(&self) -> String {
         format!(
-            "=== SIPp {} exit={:?}\n--- error log ---\n{}\n--- <log> ---\n{}\n--- stderr ---\n{}\n--- screen (tail) ---\n{}\n===",
+            "=== SIPp {} exit={:?}\n--- error log ---\n{}\n--- <log> ---\n{}\n--- stderr ---\n{}\n--- screen (tail) ---\n{}\n--- SIP messages (tail) ---\n{}\n===",
             self.name,
             self.status.map(|s| s.code()),
             self.errors.trim(),
             self.log.trim(),
             self.stderr.trim(),
-            tail(&self.screen, 40)
+            tail(&self.screen, 40),
+            tail(&self.messages, 80)
         )
     }
     pub fn log_lines(&self) -> Vec<&str> {
@@ -527,11 +530,13 @@ impl Sipp {
     pub fn media(self, ip: IpAddr, port: u16) -> Self {
         self.arg("-mi").arg(ip).arg("-mp").arg(port)
     }
-    /// An injection file with one line `user;domain;password` (fields 0..2).
+    /// An injection file with one line `user;domain;password` (fields 0..2),
+    /// and the same user/password for SIPp's `[authentication]` (`-au`/`-ap`:
+    /// SIPp 3.6.1 garbles `[authentication username=[field0] ...]`).
     pub fn credentials(self, dir: &TempDir, user: &str, domain: &str, password: &str) -> Self {
         let file = dir.join(&format!("creds-{}.csv", SIPP_SEQ.fetch_add(1, Ordering::Relaxed)));
         std::fs::write(&file, format!("SEQUENTIAL\n{user};{domain};{password}\n")).unwrap();
-        self.arg("-inf").arg(file.display())
+        self.arg("-inf").arg(file.display()).arg("-au").arg(user).arg("-ap").arg(password)
     }
     /// Keys the caller scenarios (uac_*.xml) need.
     pub fn caller(self, from_user: &str, from_domain: &str, ruri_host: &str, dialled: &str) -> Self {
@@ -545,6 +550,7 @@ impl Sipp {
         let log = dir.join(&format!("{stem}_logs.log"));
         let err = dir.join(&format!("{stem}_errors.log"));
         let screen = dir.join(&format!("{stem}_screen.log"));
+        let messages = dir.join(&format!("{stem}_messages.log"));
         let mut cmd = Command::new("sipp");
         cmd.arg("-sf").arg(sipp_scenario(&self.scenario));
         if let Some(r) = &self.remote {
@@ -569,6 +575,9 @@ impl Sipp {
             .arg("-trace_screen")
             .arg("-screen_file")
             .arg(&screen)
+            .arg("-trace_msg")
+            .arg("-message_file")
+            .arg(&messages)
             .args(&self.args)
             .current_dir(&dir.path)
             .stdin(Stdio::null())
@@ -586,6 +595,7 @@ impl Sipp {
             log,
             err,
             screen,
+            messages,
             local: SocketAddr::new(self.local_ip, self.local_port),
         }
     }
@@ -616,6 +626,7 @@ pub struct SippProcess {
     log: PathBuf,
     err: PathBuf,
     screen: PathBuf,
+    messages: PathBuf,
     pub local: SocketAddr,
 }
 
@@ -674,6 +685,7 @@ impl SippProcess {
             log: read(&self.log),
             errors: read(&self.err),
             screen: read(&self.screen),
+            messages: read(&self.messages),
         }
     }
 }

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Calls per second: the highest rate with 0 failed calls for
+#   SIPp UAC (carrier, 127.0.0.2) -> crossbar (DID 15550001000 -> ext 1001) -> SIPp UAS
+# beside SIPp UAC -> SIPp UAS directly, in the same run, and their ratio.
+# Calls carry SDP but no RTP; they are hung up at once (-d 0).
+#
+# usage: bench/cps.sh [RATES...]        (default: 1000 2000 4000 6000 8000 10000)
+# env:   STEP_S (seconds per rate, default 10), CROSSBAR_BIN (skip the build),
+#        ONLY=direct|crossbar (run one side only)
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+RATES=("$@"); [[ ${#RATES[@]} -gt 0 ]] || RATES=(1000 2000 4000 6000 8000 10000)
+STEP_S=${STEP_S:-10}
+WORK=$(mktemp -d /tmp/crossbar-bench-cps.XXXXXX)
+echo "bench: files in $WORK"
+BUF=(-buff_size 4194304)
+
+# run_step NAME TARGET UAS_PORT RATE -> prints "ok|fail achieved_cps successful failed retrans"
+run_step() {
+    local name=$1 target=$2 uas_port=$3 rate=$4
+    local calls=$(( rate * STEP_S )) dir="$WORK/$name-$rate"
+    mkdir -p "$dir"
+    "$SIPP" -sn uas -i 127.0.0.1 -p "$uas_port" "${BUF[@]}" -timeout $(( STEP_S + 40 ))s \
+        -trace_err -error_file "$dir/uas_errors.log" > "$dir/uas.out" 2>&1 &
+    local uas=$!; CHILDREN+=("$uas")
+    sleep 0.5
+    local rc=0
+    "$SIPP" -sn uac "$target" -i 127.0.0.2 -p "$(free_port 127.0.0.2)" -s 15550001000 "${BUF[@]}" \
+        -r "$rate" -m "$calls" -l $(( rate * 3 )) -d 0 -recv_timeout 5000 \
+        -timeout $(( STEP_S + 30 ))s -timeout_error -trace_stat -fd 1 -stf "$dir/uac_stat.csv" \
+        -trace_err -error_file "$dir/uac_errors.log" > "$dir/uac.out" 2>&1 || rc=$?
+    kill "$uas" 2>/dev/null || true; wait "$uas" 2>/dev/null || true
+    local ok failed retrans elapsed achieved
+    ok=$(stat_col "$dir/uac_stat.csv" 'SuccessfulCall(C)')
+    failed=$(stat_col "$dir/uac_stat.csv" 'FailedCall(C)')
+    retrans=$(stat_col "$dir/uac_stat.csv" 'Retransmissions(C)')
+    elapsed=$(awk -F';' 'NR>1 {split($5, t, ":"); s = t[1]*3600 + t[2]*60 + t[3]} END {print s+0}' "$dir/uac_stat.csv")
+    achieved=$(awk -v n="$ok" -v s="$elapsed" 'BEGIN {printf "%d", (s > 0 ? n / s : 0)}')
+    if [[ $rc -eq 0 && "$failed" -eq 0 && "$ok" -eq "$calls" ]]; then echo "ok $achieved $ok $failed $retrans"
+    else echo "fail $achieved $ok $failed $retrans"; fi
+}
+
+# ramp NAME TARGET UAS_PORT -> prints the table, sets BEST
+ramp() {
+    local name=$1 target=$2 uas_port=$3 r res
+    BEST=0
+    for r in "${RATES[@]}"; do
+        res=$(run_step "$name" "$target" "$uas_port" "$r")
+        read -r verdict achieved ok failed retrans <<<"$res"
+        printf '  %-8s target %6d cps: %-4s achieved %6d cps, %d calls ok, %d failed, %d retransmissions\n' \
+            "$name" "$r" "$verdict" "$achieved" "$ok" "$failed" "$retrans"
+        [[ $verdict == ok ]] || break
+        BEST=$r
+        # a rate SIPp could not generate is not a higher rate
+        (( achieved * 10 >= r * 9 )) || break
+    done
+}
+
+DIRECT=0 VIA=0
+if [[ "${ONLY:-}" != crossbar ]]; then
+    echo "== SIPp UAC -> SIPp UAS (direct)"
+    p=$(free_port 127.0.0.1)
+    ramp direct "127.0.0.1:$p" "$p"
+    DIRECT=$BEST
+fi
+if [[ "${ONLY:-}" != direct ]]; then
+    BIN=$(crossbar_bin)
+    SIP=$(free_port 127.0.0.1)
+    RTP=$(( 20000 + (RANDOM % 100) * 200 ))
+    write_config "$WORK/node" "$SIP" "$RTP" $(( RTP + 19999 )) "$(free_port 127.0.0.2)" warn
+    start_crossbar "$BIN" "$WORK/node"; CHILDREN+=("$CB_PID")
+    UAS_PORT=$(free_port 127.0.0.1)
+    register_uas "$SIP" "$UAS_PORT" "$WORK/node"
+    echo "== SIPp UAC -> crossbar -> SIPp UAS ($BIN, pid $CB_PID)"
+    T0=$(cpu_ticks "$CB_PID")
+    ramp crossbar "127.0.0.1:$SIP" "$UAS_PORT"
+    VIA=$BEST
+    echo "  crossbar CPU over the ramp: $(( ($(cpu_ticks "$CB_PID") - T0) ))0 ms, RSS $(rss_kb "$CB_PID") kB"
+    kill -0 "$CB_PID" 2>/dev/null || { echo "bench: crossbar died; stderr tail:"; tail -20 "$WORK/node/crossbar.err"; }
+fi
+
+echo
+echo "highest rate with 0 failed calls (${STEP_S} s per step):"
+[[ "${ONLY:-}" == crossbar ]] || echo "  SIPp -> SIPp direct:            $DIRECT cps"
+[[ "${ONLY:-}" == direct ]] || echo "  SIPp -> crossbar -> SIPp:       $VIA cps"
+if [[ -z "${ONLY:-}" && $DIRECT -gt 0 ]]; then
+    awk -v a="$VIA" -v b="$DIRECT" 'BEGIN {printf "  ratio crossbar / direct:        %.2f\n", a / b}'
+fi

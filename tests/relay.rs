@@ -1,0 +1,491 @@
+//! Relay tests on loopback with real UDP sockets. Every test uses its own port range so
+//! they can run in parallel; all waits are bounded.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crossbar::media::{MediaConfig, MediaEngine, MediaError, MediaSession, RelayMode, Side};
+use tokio::net::UdpSocket;
+use tokio::time::{sleep, timeout, Instant};
+
+const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const WAIT: Duration = Duration::from_secs(2);
+
+fn engine(port_min: u16, port_max: u16) -> MediaEngine {
+    engine_mode(port_min, port_max, RelayMode::PerSession)
+}
+
+fn engine_mode(port_min: u16, port_max: u16, mode: RelayMode) -> MediaEngine {
+    MediaEngine::with_mode(
+        MediaConfig {
+            bind_ip: LO,
+            public_ip: LO,
+            port_min,
+            port_max,
+        },
+        mode,
+    )
+    .expect("valid config")
+}
+
+async fn party() -> UdpSocket {
+    UdpSocket::bind((LO, 0)).await.expect("bind party socket")
+}
+
+fn addr(s: &UdpSocket) -> SocketAddr {
+    s.local_addr().expect("local addr")
+}
+
+async fn recv(s: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = vec![0u8; 2048];
+    match timeout(wait, s.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => {
+            buf.truncate(n);
+            Some((buf, from))
+        }
+        _ => None,
+    }
+}
+
+/// Sends one packet and expects it at `to` from the relay's `via` address.
+async fn hop(from: &UdpSocket, dest: SocketAddr, to: &UdpSocket, via: SocketAddr, payload: &[u8]) {
+    from.send_to(payload, dest).await.expect("send");
+    let (got, src) = recv(to, WAIT).await.expect("packet relayed");
+    assert_eq!(got, payload);
+    assert_eq!(
+        src, via,
+        "relayed packets come from the anchor's other-side socket"
+    );
+}
+
+/// Polls `cond` until true or the wait runs out (stats are published once per wakeup,
+/// just after the packets went out).
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        sleep(Duration::from_millis(5)).await;
+    }
+    cond()
+}
+
+fn rtp_packet(seq: u16) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend((0..168).map(|i| (i as u8) ^ (seq as u8)));
+    p
+}
+
+async fn both_ways(mode: RelayMode, port_min: u16) {
+    let eng = engine_mode(port_min, port_min + 19, mode);
+    let s = eng.open_session().await.unwrap();
+    let (pa, pb) = (party().await, party().await);
+    s.set_remote(Side::A, addr(&pa), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    for seq in 0..50u16 {
+        let p = rtp_packet(seq);
+        hop(&pa, s.local_rtp(Side::A), &pb, s.local_rtp(Side::B), &p).await;
+        hop(&pb, s.local_rtp(Side::B), &pa, s.local_rtp(Side::A), &p).await;
+    }
+    let st = s.stats();
+    assert!(
+        eventually(|| s.stats().b_to_a_rtp.packets == 50).await,
+        "{st:?}"
+    );
+    let st = s.stats();
+    assert_eq!(st.a_to_b_rtp.packets, 50);
+    assert_eq!(st.a_to_b_rtp.bytes, 50 * 172);
+    assert_eq!(st.b_to_a_rtp.bytes, 50 * 172);
+    assert_eq!(st.dropped(), 0);
+    assert_eq!(eng.ports_in_use(), 4);
+    s.close();
+    assert_eq!(eng.ports_in_use(), 0);
+}
+
+#[tokio::test]
+async fn relays_both_ways_per_session_task() {
+    both_ways(RelayMode::PerSession, 23000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_both_ways_per_socket_tasks_multi_thread() {
+    both_ways(RelayMode::PerSocket, 23020).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_both_ways_per_session_multi_thread() {
+    both_ways(RelayMode::PerSession, 23040).await;
+}
+
+#[tokio::test]
+async fn latching_follows_actual_source() {
+    let eng = engine(23100, 23119);
+    let s = eng.open_session().await.unwrap();
+    // A's SDP names `sdp_a`, but A really sends from `pa` (NAT).
+    let (pa, sdp_a, pb) = (party().await, party().await, party().await);
+    s.set_remote(Side::A, addr(&sdp_a), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    assert_eq!(s.remote_rtp(Side::A), Some(addr(&sdp_a)));
+
+    hop(
+        &pa,
+        s.local_rtp(Side::A),
+        &pb,
+        s.local_rtp(Side::B),
+        b"from A",
+    )
+    .await;
+    assert_eq!(
+        s.remote_rtp(Side::A),
+        Some(addr(&pa)),
+        "A latched to its real source"
+    );
+    hop(
+        &pb,
+        s.local_rtp(Side::B),
+        &pa,
+        s.local_rtp(Side::A),
+        b"to A",
+    )
+    .await;
+    assert!(recv(&sdp_a, Duration::from_millis(100)).await.is_none());
+
+    // re-INVITE: A's new SDP re-arms latching; until A sends, B's media goes to the SDP address.
+    s.set_remote(Side::A, addr(&sdp_a), None);
+    hop(
+        &pb,
+        s.local_rtp(Side::B),
+        &sdp_a,
+        s.local_rtp(Side::A),
+        b"to new sdp",
+    )
+    .await;
+    // A sends again (still from pa) and is latched again.
+    hop(
+        &pa,
+        s.local_rtp(Side::A),
+        &pb,
+        s.local_rtp(Side::B),
+        b"A again",
+    )
+    .await;
+    hop(
+        &pb,
+        s.local_rtp(Side::B),
+        &pa,
+        s.local_rtp(Side::A),
+        b"back to pa",
+    )
+    .await;
+
+    // Only the first packet after (re)arming latches: a stranger's packet is relayed but
+    // does not steal A's media.
+    let stranger = party().await;
+    hop(
+        &stranger,
+        s.local_rtp(Side::A),
+        &pb,
+        s.local_rtp(Side::B),
+        b"stray",
+    )
+    .await;
+    hop(
+        &pb,
+        s.local_rtp(Side::B),
+        &pa,
+        s.local_rtp(Side::A),
+        b"still pa",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn no_destination_drops_and_counts_until_party_sends() {
+    let eng = engine(23120, 23139);
+    let s = eng.open_session().await.unwrap();
+    let (pa, pb) = (party().await, party().await);
+    // Only B is known (the caller's SDP has not been applied yet, or never will be).
+    s.set_remote(Side::B, addr(&pb), None);
+    for _ in 0..3 {
+        pb.send_to(b"nowhere", s.local_rtp(Side::B)).await.unwrap();
+    }
+    assert!(
+        eventually(|| s.stats().b_to_a_rtp.dropped == 3).await,
+        "{:?}",
+        s.stats()
+    );
+    assert_eq!(s.stats().b_to_a_rtp.packets, 0);
+    // A's first packet latches it, and B's media now reaches A.
+    hop(
+        &pa,
+        s.local_rtp(Side::A),
+        &pb,
+        s.local_rtp(Side::B),
+        b"hello",
+    )
+    .await;
+    hop(&pb, s.local_rtp(Side::B), &pa, s.local_rtp(Side::A), b"hi").await;
+    assert!(eventually(|| s.stats().b_to_a_rtp.packets == 1).await);
+    assert_eq!(s.stats().dropped(), 3);
+}
+
+#[tokio::test]
+async fn rtcp_relayed_on_port_plus_one() {
+    let eng = engine(23140, 23159);
+    let s = eng.open_session().await.unwrap();
+    assert_eq!(
+        s.local_rtcp(Side::A).port(),
+        s.local_rtp(Side::A).port() + 1
+    );
+    assert_eq!(s.local_rtp(Side::A).port() % 2, 0);
+    let (pa, pa_rtcp, pb, pb_rtcp) = (party().await, party().await, party().await, party().await);
+    s.set_remote(Side::A, addr(&pa), Some(addr(&pa_rtcp)));
+    s.set_remote(Side::B, addr(&pb), None);
+    // Without a=rtcp, RTCP goes to RTP port + 1.
+    let pb_port1 = SocketAddr::new(LO, addr(&pb).port() + 1);
+    assert_eq!(s.remote_rtcp(Side::B), Some(pb_port1));
+    assert_eq!(s.remote_rtcp(Side::A), Some(addr(&pa_rtcp)));
+
+    // A's RTCP reaches B's RTCP port (+1, as SDP implies) -- here latched from B's real
+    // RTCP socket first, since B's "port + 1" is not a socket of ours.
+    hop(
+        &pb_rtcp,
+        s.local_rtcp(Side::B),
+        &pa_rtcp,
+        s.local_rtcp(Side::A),
+        b"RR from B",
+    )
+    .await;
+    assert_eq!(s.remote_rtcp(Side::B), Some(addr(&pb_rtcp)));
+    hop(
+        &pa_rtcp,
+        s.local_rtcp(Side::A),
+        &pb_rtcp,
+        s.local_rtcp(Side::B),
+        b"SR from A",
+    )
+    .await;
+    // RTP is unaffected by RTCP latching.
+    hop(&pa, s.local_rtp(Side::A), &pb, s.local_rtp(Side::B), b"rtp").await;
+    assert!(eventually(|| s.stats().a_to_b_rtcp.packets == 1).await);
+    let st = s.stats();
+    assert_eq!(st.a_to_b_rtcp.bytes, 9);
+    assert_eq!(st.b_to_a_rtcp.packets, 1);
+    assert_eq!(st.a_to_b_rtp.packets, 1);
+    assert_eq!(st.b_to_a_rtp.packets, 0);
+    assert_eq!(st.relayed_packets(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_frees_ports_over_1000_cycles() {
+    // 5 sessions' worth of pairs: every port is reused ~200 times.
+    let eng = engine(23200, 23219);
+    for i in 0..1000 {
+        let s = eng
+            .open_session()
+            .await
+            .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
+        assert_eq!(eng.ports_in_use(), 4);
+        if i % 2 == 0 {
+            s.close();
+        } else {
+            drop(s);
+        }
+        assert_eq!(eng.ports_in_use(), 0);
+    }
+    // Still relays after all that reuse.
+    let s = eng.open_session().await.unwrap();
+    let (pa, pb) = (party().await, party().await);
+    s.set_remote(Side::A, addr(&pa), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    hop(&pa, s.local_rtp(Side::A), &pb, s.local_rtp(Side::B), b"x").await;
+    drop(s);
+    assert_eq!(eng.ports_in_use(), 0);
+}
+
+#[tokio::test]
+async fn close_with_traffic_in_flight_frees_ports() {
+    let eng = engine_mode(23220, 23239, RelayMode::PerSocket);
+    let (pa, pb) = (party().await, party().await);
+    for _ in 0..50 {
+        let s = eng.open_session().await.unwrap();
+        s.set_remote(Side::A, addr(&pa), None);
+        s.set_remote(Side::B, addr(&pb), None);
+        for _ in 0..5 {
+            pa.send_to(b"x", s.local_rtp(Side::A)).await.unwrap();
+            pb.send_to(b"y", s.local_rtp(Side::B)).await.unwrap();
+        }
+        tokio::task::yield_now().await;
+        s.close();
+    }
+    assert_eq!(eng.ports_in_use(), 0);
+}
+
+#[tokio::test]
+async fn round_robin_does_not_reuse_just_freed_ports() {
+    let eng = engine(23240, 23259); // 10 pairs
+    let first = eng.open_session().await.unwrap();
+    let a0 = first.local_rtp(Side::A);
+    first.close();
+    let next = eng.open_session().await.unwrap();
+    assert_ne!(next.local_rtp(Side::A), a0);
+    assert_ne!(next.local_rtp(Side::B), a0);
+}
+
+#[tokio::test]
+async fn ports_exhausted_when_range_full() {
+    let eng = engine(23300, 23307); // 4 pairs = 2 sessions
+    let s1 = eng.open_session().await.unwrap();
+    let s2 = eng.open_session().await.unwrap();
+    assert_eq!(eng.ports_in_use(), 8);
+    assert!(matches!(
+        eng.open_session().await,
+        Err(MediaError::PortsExhausted)
+    ));
+    assert_eq!(eng.ports_in_use(), 8, "a failed open leaks nothing");
+    s1.close();
+    let s3 = eng.open_session().await.unwrap();
+    assert!(matches!(
+        eng.open_session().await,
+        Err(MediaError::PortsExhausted)
+    ));
+    drop((s2, s3));
+    assert_eq!(eng.ports_in_use(), 0);
+}
+
+#[tokio::test]
+async fn ports_exhausted_with_one_pair_left() {
+    let eng = engine(23310, 23315); // 3 pairs: the second session gets only one
+    let _s1 = eng.open_session().await.unwrap();
+    assert!(matches!(
+        eng.open_session().await,
+        Err(MediaError::PortsExhausted)
+    ));
+    assert_eq!(eng.ports_in_use(), 4, "the half-allocated pair went back");
+}
+
+#[tokio::test]
+async fn taken_ports_are_skipped() {
+    // Another process holds 23400 (an RTP port) and 23407 (the RTCP port of 23406).
+    let _rtp_squatter = std::net::UdpSocket::bind((LO, 23400)).unwrap();
+    let _rtcp_squatter = std::net::UdpSocket::bind((LO, 23407)).unwrap();
+    let eng = engine(23400, 23411); // pairs 23400..=23410
+    let s1 = eng.open_session().await.unwrap();
+    assert_eq!(s1.local_rtp(Side::A).port(), 23402);
+    assert_eq!(s1.local_rtp(Side::B).port(), 23404);
+    let s2 = eng.open_session().await.unwrap();
+    assert_eq!(s2.local_rtp(Side::A).port(), 23408);
+    assert_eq!(s2.local_rtp(Side::B).port(), 23410);
+    assert_eq!(eng.ports_in_use(), 8);
+    // Only the two squatted pairs are left, and neither binds.
+    assert!(matches!(
+        eng.open_session().await,
+        Err(MediaError::PortsExhausted)
+    ));
+    assert_eq!(eng.ports_in_use(), 8);
+}
+
+#[tokio::test]
+async fn our_ports_are_exclusive() {
+    let eng = engine(23420, 23439);
+    let s = eng.open_session().await.unwrap();
+    // No SO_REUSEADDR: nobody else can bind our RTP or RTCP port, even with it set.
+    for p in [
+        s.local_rtp(Side::A),
+        s.local_rtcp(Side::A),
+        s.local_rtp(Side::B),
+    ] {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        sock.set_reuse_address(true).unwrap();
+        assert!(sock.bind(&p.into()).is_err(), "{p} must be exclusive");
+    }
+}
+
+#[tokio::test]
+async fn ipv6_relay() {
+    let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    if std::net::UdpSocket::bind((lo6, 0)).is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    let eng = MediaEngine::new(MediaConfig {
+        bind_ip: lo6,
+        public_ip: lo6,
+        port_min: 23500,
+        port_max: 23519,
+    })
+    .unwrap();
+    let s = eng.open_session().await.unwrap();
+    assert!(s.local_rtp(Side::A).is_ipv6());
+    let pa = UdpSocket::bind((lo6, 0)).await.unwrap();
+    let pb = UdpSocket::bind((lo6, 0)).await.unwrap();
+    s.set_remote(Side::A, addr(&pa), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    hop(
+        &pa,
+        s.local_rtp(Side::A),
+        &pb,
+        s.local_rtp(Side::B),
+        b"v6 a",
+    )
+    .await;
+    hop(
+        &pb,
+        s.local_rtp(Side::B),
+        &pa,
+        s.local_rtp(Side::A),
+        b"v6 b",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn hold_or_own_address_gives_no_destination() {
+    let eng = engine(23540, 23559);
+    let s: MediaSession = eng.open_session().await.unwrap();
+    s.set_remote(Side::A, "0.0.0.0:4000".parse().unwrap(), None);
+    assert_eq!(s.remote_rtp(Side::A), None);
+    assert_eq!(s.remote_rtcp(Side::A), None);
+    // Pointing a side at the session's own sockets would loop packets forever.
+    s.set_remote(Side::B, s.local_rtp(Side::A), None);
+    assert_eq!(s.remote_rtp(Side::B), None);
+    s.set_remote(
+        Side::B,
+        "127.0.0.1:5000".parse().unwrap(),
+        Some(s.local_rtcp(Side::B)),
+    );
+    assert_eq!(
+        s.remote_rtp(Side::B),
+        Some("127.0.0.1:5000".parse().unwrap())
+    );
+    assert_eq!(s.remote_rtcp(Side::B), None);
+}
+
+#[test]
+fn config_is_validated() {
+    let cfg = |min, max, public: IpAddr| MediaConfig {
+        bind_ip: LO,
+        public_ip: public,
+        port_min: min,
+        port_max: max,
+    };
+    let bad = [
+        cfg(10001, 10100, LO),
+        cfg(0, 100, LO),
+        cfg(10000, 10002, LO),
+        cfg(10000, 9000, LO),
+        cfg(10000, 10100, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        cfg(10000, 10100, IpAddr::V6(Ipv6Addr::LOCALHOST)),
+    ];
+    for c in bad {
+        assert!(
+            matches!(MediaEngine::new(c.clone()), Err(MediaError::Config(_))),
+            "{c:?}"
+        );
+    }
+    let ok = MediaEngine::new(cfg(10000, 10003, LO)).unwrap();
+    assert_eq!(ok.ports_total(), 4);
+    assert_eq!(ok.ports_in_use(), 0);
+}
