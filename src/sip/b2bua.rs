@@ -197,6 +197,10 @@ pub struct B2bua {
     b_invite_req: Request,
     b_provisional: bool,
     b_answered: bool,
+    /// B's INVITE got its final response (or we gave up waiting after a CANCEL).
+    b_final: bool,
+    /// RFC 3261 §9.1: after CANCEL, wait at most 64*T1 for the INVITE's final response.
+    b_give_up_at: Option<Instant>,
     /// ACK sent for B's 2xx, re-sent when the 2xx is retransmitted.
     b_ack: Option<Vec<u8>>,
     cancel_pending: bool,
@@ -281,6 +285,8 @@ impl B2bua {
             b_invite_req: b_req,
             b_provisional: false,
             b_answered: false,
+            b_final: false,
+            b_give_up_at: None,
             b_ack: None,
             cancel_pending: false,
             clients: Vec::new(),
@@ -318,6 +324,10 @@ impl B2bua {
         }
         for s in &mut self.servers {
             s.tx.handle_timeout(now);
+        }
+        if self.b_give_up_at.is_some_and(|d| d <= now) {
+            self.b_give_up_at = None;
+            self.b_final = true;
         }
         if self.ring_deadline.is_some_and(|d| d <= now) {
             self.ring_deadline = None;
@@ -358,6 +368,9 @@ impl B2bua {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next = self.ring_deadline.filter(|_| self.state == State::Calling);
+        if let Some(g) = self.b_give_up_at {
+            next = Some(next.map_or(g, |n| n.min(g)));
+        }
         let mut take = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
@@ -382,7 +395,7 @@ impl B2bua {
             && self.state == State::Ending
             && self.clients.iter().all(|c| c.done)
             && (self.a_acked || self.a_invite.is_terminated() || !self.a_invite_final)
-            && self.b_invite.as_ref().is_none_or(|t| t.is_terminated() || self.b_answered_or_failed())
+            && (self.b_final || self.b_invite.as_ref().is_none_or(|t| t.is_terminated()))
     }
 
     pub fn ended(&self) -> Option<&EndInfo> {
@@ -391,10 +404,6 @@ impl B2bua {
 
     pub fn call_ids(&self) -> (&str, &str) {
         (&self.a.call_id, &self.b.call_id)
-    }
-
-    fn b_answered_or_failed(&self) -> bool {
-        self.b_answered || self.ended.is_some()
     }
 
     fn leg(&mut self, side: Side) -> &mut Leg {
@@ -676,6 +685,8 @@ impl B2bua {
                 self.a_invite.respond(r, now);
             }
             ClientEvent::Final(resp) => {
+                self.b_final = true;
+                self.b_give_up_at = None;
                 let code = u16::from(resp.status_code.clone());
                 if (200..300).contains(&code) {
                     self.on_b_answer(resp, now);
@@ -694,6 +705,7 @@ impl B2bua {
                 }
             }
             ClientEvent::Timeout => {
+                self.b_final = true;
                 if !self.a_invite_final && self.ended.is_none() {
                     self.fail_a(408, "the callee did not respond", now);
                     self.end(Disposition::NoAnswer, 408, None, "INVITE timeout (Timer B)");
@@ -861,6 +873,7 @@ impl B2bua {
         leg.remote_target = self.b_invite_req.uri.to_string();
         leg.route_set.clear();
         if let Some(req) = leg.build(Method::Cancel, cseq, &branch, None, vec![]) {
+            self.b_give_up_at = Some(now + self.timers.timeout());
             let tx = ClientTx::new(req, self.b.peer.proto.reliable(), &self.timers, now);
             self.clients.push(Client { side: Side::B, tx, purpose: Purpose::Cancel, done: false });
         }

@@ -336,3 +336,31 @@ fn default_setup() -> CallSetup {
         server_name: "192.0.2.1".into(),
     }
 }
+
+#[test]
+fn cancelled_call_waits_for_the_callees_487_and_acks_it() {
+    let mut h = Harness::new();
+    let inv = h.last_b_request("INVITE");
+    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.from_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
+    let tag = a_tag(&h);
+    h.from_a(&a_request("ACK", 1, "z9hG4bKinv", Some(&tag), ""));
+    let cancel = h.last_b_request("CANCEL");
+    h.from_b(&b_response(cancel.as_bytes(), 200, "btag", ""));
+    assert!(!h.call.is_finished(), "the callee's INVITE has no final response yet");
+    h.from_b(&b_response(inv.as_bytes(), 487, "btag", ""));
+    assert!(h.to_b.last().unwrap().starts_with("ACK"), "the 487 is ACKed");
+    assert!(h.call.is_finished());
+}
+
+#[test]
+fn cancelled_call_gives_up_on_a_silent_callee_after_64_t1() {
+    let mut h = Harness::new();
+    let inv = h.last_b_request("INVITE");
+    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.from_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
+    let tag = a_tag(&h);
+    h.from_a(&a_request("ACK", 1, "z9hG4bKinv", Some(&tag), ""));
+    h.advance(Duration::from_secs(33));
+    assert!(h.call.is_finished());
+}
