@@ -20,7 +20,7 @@ impl Sink for Node {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(from = %peer.addr, "refusing malformed message: {e}");
-                if let Some(resp) = msg::bad_request_raw(bytes, &host, &e.to_string()) {
+                if let Some(resp) = msg::error_response_raw(bytes, e.status(), &host, &e.to_string()) {
                     self.send(peer, resp);
                 }
                 return;

@@ -55,6 +55,23 @@ pub enum MessageError {
     Header(&'static str),
     #[error("Max-Forwards exhausted")]
     TooManyHops,
+    #[error("malformed request line: {0}")]
+    RequestLine(&'static str),
+    #[error("SIP version {0:?} is not supported (only SIP/2.0)")]
+    Version(String),
+    #[error("{0}")]
+    Syntax(&'static str),
+}
+
+impl MessageError {
+    /// The status a request with this problem gets.
+    pub fn status(&self) -> u16 {
+        match self {
+            MessageError::TooManyHops => 483,
+            MessageError::Version(_) => 505,
+            _ => 400,
+        }
+    }
 }
 
 /// A parsed, validated message with the fields routing needs.
@@ -73,6 +90,7 @@ pub struct Incoming {
 
 impl Incoming {
     pub fn parse(bytes: &[u8], peer: Peer) -> Result<Incoming, MessageError> {
+        check_framing(bytes, peer.proto)?;
         let msg = rsipstack::sip::parser::parse_message(bytes).map_err(|e| MessageError::Parse(e.to_string()))?;
         Self::validate(msg, peer)
     }
@@ -81,8 +99,13 @@ impl Incoming {
         let headers = headers_of(&msg);
         let call_id = header(headers, "Call-ID").map(str::trim).filter(|v| !v.is_empty()).ok_or(MessageError::Header("Call-ID"))?;
         let (cseq, cseq_method) = header(headers, "CSeq").and_then(parse_cseq).ok_or(MessageError::Header("CSeq"))?;
-        let from = header(headers, "From").and_then(|v| rsipstack::sip::typed::From::parse(v).ok()).ok_or(MessageError::Header("From"))?;
-        let to = header(headers, "To").and_then(|v| rsipstack::sip::typed::To::parse(v).ok()).ok_or(MessageError::Header("To"))?;
+        let from = header(headers, "From").filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::From::parse(v).ok()).ok_or(MessageError::Header("From"))?;
+        let to = header(headers, "To").filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::To::parse(v).ok()).ok_or(MessageError::Header("To"))?;
+        for c in header_values(headers, "Contact") {
+            if c != "*" && !name_addr_ok(c) {
+                return Err(MessageError::Header("Contact"));
+            }
+        }
         let via = header(headers, "Via").ok_or(MessageError::Header("Via"))?;
         if rsipstack::sip::typed::Via::parse(first_of_list(via)).is_err() {
             return Err(MessageError::Header("Via"));
@@ -138,6 +161,83 @@ pub fn headers_of(msg: &SipMessage) -> &Headers {
     match msg {
         SipMessage::Request(r) => &r.headers,
         SipMessage::Response(r) => &r.headers,
+    }
+}
+
+/// Checks what rsipstack's lenient parser lets through but RFC 3261 §25 forbids
+/// (the RFC 4475 §3.1.2 cases): the request line's shape and version, and a
+/// Content-Length that does not fit the datagram.
+fn check_framing(bytes: &[u8], proto: super::msg::Proto) -> Result<(), MessageError> {
+    let line_end = bytes.iter().position(|b| *b == b'\r' || *b == b'\n').unwrap_or(bytes.len());
+    let line = std::str::from_utf8(&bytes[..line_end]).map_err(|_| MessageError::RequestLine("not UTF-8"))?;
+    if !line.starts_with("SIP/") {
+        let parts: Vec<&str> = line.split(' ').collect();
+        if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(MessageError::RequestLine("expected `METHOD SP Request-URI SP SIP/2.0` with single spaces"));
+        }
+        if !parts[0].bytes().all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)) {
+            return Err(MessageError::RequestLine("the method is not a token"));
+        }
+        let uri = parts[1];
+        if uri.contains(['<', '>', '"']) {
+            return Err(MessageError::RequestLine("the Request-URI must not be enclosed in <> or contain quotes"));
+        }
+        if uri.starts_with("sip:") || uri.starts_with("sips:") {
+            if uri.contains('?') {
+                return Err(MessageError::RequestLine("a SIP Request-URI must not carry headers (?...)"));
+            }
+        }
+        if !parts[2].eq_ignore_ascii_case("SIP/2.0") {
+            return Err(MessageError::Version(parts[2].to_string()));
+        }
+    }
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    if let Some(body_start) = head_end {
+        let head = String::from_utf8_lossy(&bytes[..body_start]);
+        for l in head.split("\r\n") {
+            let Some((name, value)) = l.split_once(':') else { continue };
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("content-length") || name == "l" {
+                let n: usize = value.trim().parse().map_err(|_| MessageError::Syntax("Content-Length is not a non-negative number"))?;
+                // On a datagram the body is what arrived (RFC 3261 §18.3): more declared than sent is an error.
+                if proto == super::msg::Proto::Udp && n > bytes.len() - body_start {
+                    return Err(MessageError::Syntax("Content-Length is larger than the body received"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// name-addr / addr-spec syntax checks the parser does not make: balanced
+/// quotes, no space inside `<>`, no unquoted comma in a display name, no
+/// `?headers` outside `<>` (RFC 3261 §20.10).
+fn name_addr_ok(v: &str) -> bool {
+    let unescaped_quotes = {
+        let (mut n, mut esc) = (0, false);
+        for c in v.chars() {
+            match c {
+                '\\' if !esc => esc = true,
+                '"' if !esc => n += 1,
+                _ => esc = false,
+            }
+        }
+        n
+    };
+    if unescaped_quotes % 2 != 0 {
+        return false;
+    }
+    match (v.find('<'), v.rfind('>')) {
+        (Some(a), Some(b)) if b > a => {
+            let inner = &v[a + 1..b];
+            if inner.starts_with(char::is_whitespace) || inner.ends_with(char::is_whitespace) {
+                return false;
+            }
+            let display = v[..a].trim();
+            display.is_empty() || (display.starts_with('"') && display.ends_with('"')) || !display.contains([',', ';', ':', '"', '<'])
+        }
+        (None, None) => !v.contains(['?', '"']),
+        _ => false,
     }
 }
 
@@ -298,6 +398,11 @@ pub fn refusal(req: &Request, code: u16, to_tag: Option<&str>, host: &str, why: 
 /// answer saying what is wrong. `None` for responses and for garbage without
 /// the headers a response needs.
 pub fn bad_request_raw(bytes: &[u8], host: &str, why: &str) -> Option<Vec<u8>> {
+    error_response_raw(bytes, 400, host, why)
+}
+
+/// Like [`bad_request_raw`] with another status (483, 505).
+pub fn error_response_raw(bytes: &[u8], code: u16, host: &str, why: &str) -> Option<Vec<u8>> {
     let head_end = find_subslice(bytes, b"\r\n\r\n").or_else(|| find_subslice(bytes, b"\n\n")).unwrap_or(bytes.len());
     let head = String::from_utf8_lossy(&bytes[..head_end]);
     let mut lines = head.lines();
@@ -305,7 +410,12 @@ pub fn bad_request_raw(bytes: &[u8], host: &str, why: &str) -> Option<Vec<u8>> {
     if first.starts_with("SIP/") || first.split_whitespace().count() < 3 {
         return None;
     }
-    let mut out = String::from("SIP/2.0 400 Bad Request\r\n");
+    let phrase = match code {
+        483 => "Too Many Hops",
+        505 => "Version Not Supported",
+        _ => "Bad Request",
+    };
+    let mut out = format!("SIP/2.0 {code} {phrase}\r\n");
     let (mut via, mut from, mut to, mut cid, mut cseq) = (false, false, false, false, false);
     let mut current: Option<&str> = None;
     let mut collected: Vec<(String, String)> = Vec::new();

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Relayed media: N concurrent calls, each with 20 ms G.711 RTP both ways
+#   SIPp UAC (127.0.0.2, plays a pcap) -> crossbar -> SIPp UAS (-rtp_echo)
+# held ~42 s; over a HOLD_S window with all N calls up it measures crossbar's
+# CPU (utime+stime from /proc/PID/stat) per call as % of one core, its RSS
+# growth per call (VmRSS idle vs. loaded), and packet loss from crossbar's
+# `call ended` counters. The same SIPp setup UAC -> UAS directly runs first:
+# the CPU SIPp itself needs, as a baseline measured in the same run.
+#
+# usage: bench/media.sh [N]     (default 500)
+# env:   RATE (call arrival cps, default 100), HOLD_S (window, default 25),
+#        CROSSBAR_BIN (skip the build), ONLY=direct|crossbar
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+N=${1:-500}
+RATE=${RATE:-100}
+HOLD_S=${HOLD_S:-25}
+LOOPS=6                       # uac_media_hold.xml plays the 7 s pcap 6 times
+PCAP="$ROOT/tests/data/g711a.pcap"
+PKTS_PER_PLAY=236
+CLK_TCK=$(getconf CLK_TCK)
+WORK=$(mktemp -d /tmp/crossbar-bench-media.XXXXXX)
+echo "bench: files in $WORK; $N calls, arrival $RATE cps, window $HOLD_S s"
+BUF=(-buff_size 4194304)
+RAMP_S=$(( (N + RATE - 1) / RATE + 2 ))
+
+# measure NAME TARGET UAS_PORT [CROSSBAR_PID]
+measure() {
+    local name=$1 target=$2 uas_port=$3 cb=${4:-} dir="$WORK/$1"
+    mkdir -p "$dir"
+    "$SIPP" -sf "$ROOT/tests/sipp/uas_echo_bench.xml" -i 127.0.0.1 -p "$uas_port" \
+        -mi 127.0.0.1 -mp "$(free_port 127.0.0.1)" -rtp_echo "${BUF[@]}" \
+        -timeout $(( RAMP_S + LOOPS * 8 + 60 ))s -trace_err -error_file "$dir/uas_errors.log" > "$dir/uas.out" 2>&1 &
+    local uas=$!; CHILDREN+=("$uas")
+    sleep 0.5
+    local rss0=0; [[ -n $cb ]] && rss0=$(rss_kb "$cb")
+    "$SIPP" -sf "$ROOT/tests/sipp/uac_media_hold.xml" "$target" -i 127.0.0.2 -p "$(free_port 127.0.0.2)" \
+        -mi 127.0.0.2 -mp "$(free_port 127.0.0.2)" -s 15550001000 \
+        -key from_user 15551230000 -key from_domain 127.0.0.2 -key ruri_host 127.0.0.1 -key pcap "$PCAP" \
+        "${BUF[@]}" -r "$RATE" -m "$N" -l "$N" -recv_timeout 10000 \
+        -timeout $(( RAMP_S + LOOPS * 8 + 50 ))s -timeout_error -trace_stat -fd 1 -stf "$dir/uac_stat.csv" \
+        -trace_err -error_file "$dir/uac_errors.log" > "$dir/uac.out" 2>&1 &
+    local uac=$!; CHILDREN+=("$uac")
+    sleep "$RAMP_S"
+    local c0 u0 s0 c1 u1 s1 rss1=0
+    c0=$([[ -n $cb ]] && cpu_ticks "$cb" || echo 0); u0=$(cpu_ticks "$uac"); s0=$(cpu_ticks "$uas")
+    sleep $(( HOLD_S / 2 ))
+    [[ -n $cb ]] && rss1=$(rss_kb "$cb")
+    sleep $(( HOLD_S - HOLD_S / 2 ))
+    c1=$([[ -n $cb ]] && cpu_ticks "$cb" || echo 0); u1=$(cpu_ticks "$uac"); s1=$(cpu_ticks "$uas")
+    local rc=0; wait "$uac" || rc=$?
+    kill "$uas" 2>/dev/null || true; wait "$uas" 2>/dev/null || true
+    local ok failed
+    ok=$(stat_col "$dir/uac_stat.csv" 'SuccessfulCall(C)'); failed=$(stat_col "$dir/uac_stat.csv" 'FailedCall(C)')
+    echo "  $name: $ok calls ok, $failed failed (SIPp exit $rc)"
+    awk -v t="$(( u1 - u0 + s1 - s0 ))" -v hz="$CLK_TCK" -v w="$HOLD_S" -v n="$N" \
+        'BEGIN {printf "  %-9s SIPp UAC+UAS CPU: %.1f%% of one core (%.4f%% per call)\n", "", t/hz/w*100, t/hz/w*100/n}'
+    if [[ -n $cb ]]; then
+        awk -v t="$(( c1 - c0 ))" -v hz="$CLK_TCK" -v w="$HOLD_S" -v n="$N" -v r0="$rss0" -v r1="$rss1" \
+            'BEGIN {printf "  %-9s crossbar CPU:      %.1f%% of one core = %.4f%% per relayed call\n  %-9s crossbar RSS:      %d kB idle, %d kB with %d calls = %.1f kB per call\n", "", t/hz/w*100, t/hz/w*100/n, "", r0, r1, n, (r1-r0)/n}'
+    fi
+}
+
+if [[ "${ONLY:-}" != crossbar ]]; then
+    echo "== SIPp UAC -> SIPp UAS (direct baseline)"
+    p=$(free_port 127.0.0.1)
+    measure direct "127.0.0.1:$p" "$p"
+fi
+if [[ "${ONLY:-}" != direct ]]; then
+    BIN=$(crossbar_bin)
+    SIP=$(free_port 127.0.0.1)
+    RTP=$(( 20000 + (RANDOM % 10) * 2000 ))
+    write_config "$WORK/node" "$SIP" "$RTP" $(( RTP + 19999 )) "$(free_port 127.0.0.2)" "warn,crossbar::actors::call=info"
+    start_crossbar "$BIN" "$WORK/node"; CHILDREN+=("$CB_PID")
+    UAS_PORT=$(free_port 127.0.0.1)
+    register_uas "$SIP" "$UAS_PORT" "$WORK/node"
+    echo "== SIPp UAC -> crossbar -> SIPp UAS ($BIN, pid $CB_PID)"
+    measure crossbar "127.0.0.1:$SIP" "$UAS_PORT" "$CB_PID"
+    sleep 1
+    grep 'call ended' "$WORK/node/crossbar.err" | sed 's/\x1b\[[0-9;]*m//g' | awk -v n="$N" -v sent=$(( PKTS_PER_PLAY * LOOPS )) '
+        { for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "a_to_b_packets") a += kv[2];
+          if (kv[1] == "b_to_a_packets") b += kv[2]; if (kv[1] == "dropped_packets") d += kv[2] } c++ }
+        END {
+          printf "  crossbar  %d calls ended; RTP a->b %d (SIPp sent %d), b->a (echo) %d, dropped by crossbar %d\n", c, a, sent * n, b, d
+          if (a > 0) printf "  crossbar  loss: caller->crossbar %.3f%%, crossbar->callee->crossbar (echo) %.3f%%\n", (sent*n - a) / (sent*n) * 100, (a - b) / a * 100
+        }'
+fi
