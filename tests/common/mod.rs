@@ -129,6 +129,8 @@ pub struct NodeConfig {
     /// that call out).
     pub trunk_outbound: SocketAddr,
     pub log_level: String,
+    /// Extra lines for the `[sip]` section (e.g. a TLS listener).
+    pub sip_extra: String,
 }
 
 impl NodeConfig {
@@ -141,6 +143,7 @@ impl NodeConfig {
             rtp: free_rtp_range(),
             trunk_outbound: SocketAddr::new(CARRIER, free_port(CARRIER)),
             log_level: "info".into(),
+            sip_extra: String::new(),
         }
     }
 
@@ -158,6 +161,7 @@ log_level = "{log}"
 udp = ["{udp}"]
 tcp = ["{tcp}"]
 advertised_ip = "127.0.0.1"
+{sip_extra}
 
 [media]
 bind_ip = "127.0.0.1"
@@ -176,6 +180,7 @@ outbound = "{out}"
             rmin = self.rtp.0,
             rmax = self.rtp.1,
             out = self.trunk_outbound,
+            sip_extra = self.sip_extra,
         );
         std::fs::create_dir_all(dir.join("tenants")).unwrap();
         std::fs::create_dir_all(dir.join("data")).unwrap();
