@@ -62,7 +62,10 @@ TOML
 id = "acme"
 name = "Acme Corp"
 domain = "acme.localhost"
+plan = "enterprise"
+[limits]
 max_calls = 200000
+calls_per_second = 1000000
 
 [[did]]
 number = "15550001000"

@@ -4,13 +4,13 @@
 # beside SIPp UAC -> SIPp UAS directly, in the same run, and their ratio.
 # Calls carry SDP but no RTP; they are hung up at once (-d 0).
 #
-# usage: bench/cps.sh [RATES...]        (default: 1000 2000 4000 6000 8000 10000)
+# usage: bench/cps.sh [RATES...]        (default: 1000 2000 4000 5000 6000 8000 10000 12000)
 # env:   STEP_S (seconds per rate, default 10), CROSSBAR_BIN (skip the build),
 #        ONLY=direct|crossbar (run one side only)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
-RATES=("$@"); [[ ${#RATES[@]} -gt 0 ]] || RATES=(1000 2000 4000 6000 8000 10000)
+RATES=("$@"); [[ ${#RATES[@]} -gt 0 ]] || RATES=(1000 2000 4000 5000 6000 8000 10000 12000)
 STEP_S=${STEP_S:-10}
 WORK=$(mktemp -d /tmp/crossbar-bench-cps.XXXXXX)
 echo "bench: files in $WORK"

@@ -39,8 +39,37 @@ pub struct Config {
     pub node: NodeSection,
     pub sip: SipSection,
     pub media: MediaSection,
+    pub store: StoreSection,
     pub trunks: Vec<Trunk>,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// Where tenant data lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `embedded` (a redb file under data_dir; single node) or `redis` (cluster).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Redis URL for the redis backend, e.g. `redis://127.0.0.1:6379/0`.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// The master key file (relative to data_dir) used when CROSSBAR_MASTER_KEY is not set.
+    #[serde(default = "default_master_key_file")]
+    pub master_key_file: PathBuf,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection { backend: default_backend(), redis_url: None, master_key_file: default_master_key_file() }
+    }
+}
+
+fn default_backend() -> String {
+    "embedded".into()
+}
+fn default_master_key_file() -> PathBuf {
+    PathBuf::from("master.key")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,7 +158,7 @@ pub struct Trunk {
 }
 
 /// One tenant's bootstrap configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Stable identifier: lowercase letters, digits and '-'.
@@ -142,23 +171,144 @@ pub struct TenantConfig {
     pub dids: Vec<DidConfig>,
     #[serde(default, rename = "user")]
     pub users: Vec<UserConfig>,
-    /// Calls in progress for this tenant above which its new calls get 503.
-    #[serde(default = "default_tenant_max_calls")]
-    pub max_calls: usize,
+    /// Plan: `starter`, `pro` or `enterprise` (see [`Plan`]).
+    #[serde(default)]
+    pub plan: Plan,
+    /// Per-tenant overrides of the plan's limits.
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    /// Call recording policy: `none`, `all`, or `dids` (only DIDs with `record = true`).
+    #[serde(default)]
+    pub recording: RecordingPolicy,
     #[serde(skip)]
     pub file: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A tenant's commercial plan; each gives default limits (overridable per tenant).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Plan {
+    #[default]
+    Starter,
+    Pro,
+    Enterprise,
+}
+
+/// Effective limits of a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Limits {
+    /// Users (agents/extensions); `None` = no limit.
+    pub max_agents: Option<usize>,
+    /// Calls in progress.
+    pub max_calls: usize,
+    /// New calls per second (token bucket, burst = one second's worth).
+    pub calls_per_second: f64,
+    /// Whether the plan includes call recording.
+    pub recording: bool,
+    /// Recording storage, in MB.
+    pub recording_storage_mb: u64,
+}
+
+impl Plan {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Starter => "starter",
+            Plan::Pro => "pro",
+            Plan::Enterprise => "enterprise",
+        }
+    }
+
+    pub fn defaults(self) -> Limits {
+        match self {
+            Plan::Starter => Limits { max_agents: Some(10), max_calls: 20, calls_per_second: 5.0, recording: false, recording_storage_mb: 0 },
+            Plan::Pro => Limits { max_agents: Some(50), max_calls: 200, calls_per_second: 20.0, recording: true, recording_storage_mb: 10_240 },
+            Plan::Enterprise => Limits { max_agents: None, max_calls: 5_000, calls_per_second: 500.0, recording: true, recording_storage_mb: 512_000 },
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Plan> {
+        match s.to_ascii_lowercase().as_str() {
+            "starter" => Some(Plan::Starter),
+            "pro" => Some(Plan::Pro),
+            "enterprise" => Some(Plan::Enterprise),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    pub max_calls: Option<usize>,
+    pub calls_per_second: Option<f64>,
+    pub recording_storage_mb: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingPolicy {
+    #[default]
+    None,
+    All,
+    Dids,
+}
+
+impl TenantConfig {
+    /// The plan's limits with this tenant's overrides applied.
+    pub fn limits(&self) -> Limits {
+        let mut l = self.plan.defaults();
+        if let Some(v) = self.limits.max_calls {
+            l.max_calls = v;
+        }
+        if let Some(v) = self.limits.calls_per_second {
+            l.calls_per_second = v;
+        }
+        if let Some(v) = self.limits.recording_storage_mb {
+            l.recording_storage_mb = v;
+        }
+        l
+    }
+
+    /// Whether a call arriving on `did` (None: not a DID call) is recorded.
+    pub fn records(&self, did: Option<&str>) -> bool {
+        match self.recording {
+            RecordingPolicy::None => false,
+            RecordingPolicy::All => true,
+            RecordingPolicy::Dids => did.is_some_and(|d| self.dids.iter().any(|x| x.number == d && x.record)),
+        }
+    }
+
+    /// Plan rules a tenant configuration must satisfy (also for runtime changes).
+    pub fn check_plan(&self) -> Result<(), (String, String, String)> {
+        let l = self.limits();
+        if let Some(max) = l.max_agents {
+            if self.users.len() > max {
+                return Err(("plan".into(), format!("{} users but plan {} allows {max} agents", self.users.len(), self.plan.as_str()), "upgrade the plan or remove users".into()));
+            }
+        }
+        if self.recording != RecordingPolicy::None && !l.recording {
+            return Err(("recording".into(), format!("plan {} does not include call recording", self.plan.as_str()), "set recording = \"none\" or upgrade to pro/enterprise".into()));
+        }
+        if !(l.calls_per_second > 0.0) || l.max_calls == 0 {
+            return Err(("limits".into(), "calls_per_second and max_calls must be > 0".into(), "use positive limits".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DidConfig {
     /// E.164 number without '+', e.g. `15550001000`.
     pub number: String,
     /// The extension the DID rings.
     pub extension: String,
+    /// Record calls on this DID (with `recording = "dids"`).
+    #[serde(default)]
+    pub record: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// SIP user name and extension number, e.g. `1001`.
@@ -180,9 +330,6 @@ fn default_log_level() -> String {
 }
 fn default_max_calls() -> usize {
     20_000
-}
-fn default_tenant_max_calls() -> usize {
-    10_000
 }
 fn default_t1() -> u64 {
     500
@@ -209,6 +356,8 @@ struct NodeFile {
     node: NodeSection,
     sip: SipSection,
     media: MediaSection,
+    #[serde(default)]
+    store: StoreSection,
     #[serde(default, rename = "trunk")]
     trunks: Vec<Trunk>,
     /// Directory of tenant files, relative to the node file.
@@ -260,7 +409,11 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        let config = Config { file: path.to_path_buf(), node, sip, media: parsed.media, trunks: parsed.trunks, tenants };
+        let mut store = parsed.store;
+        if store.master_key_file.is_relative() {
+            store.master_key_file = node.data_dir.join(&store.master_key_file);
+        }
+        let config = Config { file: path.to_path_buf(), node, store, sip, media: parsed.media, trunks: parsed.trunks, tenants };
         config.validate()?;
         Ok(config)
     }
@@ -299,6 +452,12 @@ impl Config {
                 "use an even rtp_port_min >= 1024 and rtp_port_max at least 4 ports above it, e.g. 20000..40000",
             ));
         }
+        match self.store.backend.as_str() {
+            "embedded" => {}
+            "redis" if self.store.redis_url.is_some() => {}
+            "redis" => return Err(ConfigError::new(f, "store.redis_url", "the redis backend needs a URL", "set redis_url = \"redis://host:6379/0\"")),
+            other => return Err(ConfigError::new(f, "store.backend", format!("unknown backend {other:?}"), "use \"embedded\" or \"redis\"")),
+        }
         let mut trunk_names = HashSet::new();
         for (i, t) in self.trunks.iter().enumerate() {
             if !trunk_names.insert(t.name.as_str()) {
@@ -334,6 +493,9 @@ impl Config {
                 if u.password.len() < 8 {
                     return Err(ConfigError::new(tf, format!("user[{i}].password"), "password shorter than 8 characters", "use a longer password"));
                 }
+            }
+            if let Err((field, problem, fix)) = t.check_plan() {
+                return Err(ConfigError::new(tf, field, problem, fix));
             }
             for (i, d) in t.dids.iter().enumerate() {
                 if d.number.len() < 3 || d.number.len() > 15 || !d.number.bytes().all(|b| b.is_ascii_digit()) {

@@ -7,10 +7,12 @@
 //! - [`media`]: RTP port pool and the anchored RTP/RTCP relay.
 //! - [`store`]: the tenant-scoped `Store` trait (embedded redb, Redis) and the `Vault`.
 //! - [`crypto`]: master key and per-tenant data keys (envelope encryption).
+//! - [`cdr`]: call detail records and the tenant event stream.
 //! - [`actors`]: the ractor supervision tree: node, tenants, calls; `dispatch` routes received SIP.
 #![forbid(unsafe_code)]
 
 pub mod actors;
+pub mod cdr;
 pub mod config;
 pub mod crypto;
 pub mod media;

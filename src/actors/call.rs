@@ -4,7 +4,9 @@
 //! for the next deadline. Media packets never pass through here.
 
 use super::node::Node;
+use crate::cdr::{self, Cdr, CdrState, Event};
 use crate::media::{MediaSession, Side};
+use crate::store::ScopedStore;
 use crate::sip::b2bua::{B2bua, CallOutput, EndInfo};
 use crate::sip::msg::{Incoming, Peer};
 use parking_lot::Mutex;
@@ -29,15 +31,23 @@ pub struct CallShared {
     pub b_peer: Peer,
     pub tenant: String,
     pub started: Instant,
-    pub answered_at: Option<Instant>,
     pub end: Option<EndInfo>,
     /// Removed from the node's Call-ID map and counters already.
     pub released: bool,
+    pub cdr: Cdr,
+    pub store: ScopedStore,
+    /// Record this call (tenant policy and plan).
+    pub record: bool,
 }
 
 impl CallShared {
-    pub fn new(core: B2bua, media: MediaSession, a_peer: Peer, b_peer: Peer, tenant: String) -> Self {
-        Self { core, media: Some(media), a_peer, b_peer, tenant, started: Instant::now(), answered_at: None, end: None, released: false }
+    pub fn new(core: B2bua, media: MediaSession, a_peer: Peer, b_peer: Peer, cdr: Cdr, store: ScopedStore, record: bool) -> Self {
+        let tenant = cdr.tenant.clone();
+        Self { core, media: Some(media), a_peer, b_peer, tenant, started: Instant::now(), end: None, released: false, cdr, store, record }
+    }
+
+    fn event(&self, node: &Node, kind: &str) {
+        cdr::emit(&node.writer, &self.store, Event::new(kind, Some(&self.cdr.id), None));
     }
 
     fn peer(&self, side: Side) -> Peer {
@@ -57,12 +67,12 @@ impl CallShared {
                         m.set_remote(side, rtp, rtcp);
                     }
                 }
-                CallOutput::Ended(info) => {
-                    if info.answered && self.answered_at.is_none() {
-                        self.answered_at = Some(Instant::now());
-                    }
-                    self.end = Some(info);
+                CallOutput::Ringing => self.event(node, "call.ringing"),
+                CallOutput::Answered => {
+                    self.cdr.answer = Some(cdr::rfc3339(std::time::SystemTime::now()));
+                    self.event(node, "call.answered");
                 }
+                CallOutput::Ended(info) => self.end = Some(info),
             }
         }
     }
@@ -84,8 +94,22 @@ impl CallShared {
             Some(e) => (e.disposition.as_str(), e.code, e.reason.as_str(), e.hangup_side.map(|s| format!("{s:?}")).unwrap_or_else(|| "-".into())),
             None => ("failed", 500, "call ended without a final state", "-".into()),
         };
+        self.cdr.disposition = if end.is_none() { "failed".into() } else { disp.to_string() };
+        self.cdr.hangup_code = Some(code);
+        self.cdr.hangup_reason = Some(reason.to_string());
+        self.cdr.hangup_side = end.as_ref().map(|e| match e.hangup_side {
+            Some(Side::A) => "caller".to_string(),
+            Some(Side::B) => "callee".to_string(),
+            None => "system".to_string(),
+        });
+        self.cdr.finish(std::time::SystemTime::now(), CdrState::Completed);
+        match self.cdr.end_ops(&self.store) {
+            Ok(ops) => node.writer.write_detached(ops),
+            Err(e) => tracing::error!(tenant = %self.tenant, "cannot seal the CDR of {}: {e}", self.cdr.id),
+        }
         tracing::info!(
             tenant = %self.tenant,
+            cdr = %self.cdr.id,
             call_id = %a,
             disposition = disp,
             code,
@@ -121,11 +145,15 @@ pub struct Call;
 pub struct CallArgs {
     pub node: Arc<Node>,
     pub shared: Arc<Mutex<CallShared>>,
+    /// Resolves when the call's CDR is durable; the call handles nothing from
+    /// its legs before (so the caller is never answered for an unrecorded call).
+    pub cdr_ack: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
 }
 
 pub struct CallState {
     node: Arc<Node>,
     shared: Arc<Mutex<CallShared>>,
+    cdr_ack: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
     timer: Option<ractor::concurrency::JoinHandle<Result<(), ractor::MessagingErr<CallMsg>>>>,
     deadline: Option<Instant>,
 }
@@ -143,9 +171,25 @@ impl Actor for Call {
             args.node.calls.insert(b.to_string(), myself.clone());
         }
         args.node.active_calls.fetch_add(1, Ordering::Relaxed);
-        let mut state = CallState { node: args.node, shared: args.shared, timer: None, deadline: None };
+        let mut state = CallState { node: args.node, shared: args.shared, cdr_ack: args.cdr_ack, timer: None, deadline: None };
         state.after_input(&myself);
         Ok(state)
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let Some(ack) = state.cdr_ack.take() else { return Ok(()) };
+        let result = match tokio::time::timeout(std::time::Duration::from_secs(10), ack).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("record writer gone".to_string()),
+            Err(_) => Err("timed out".to_string()),
+        };
+        if let Err(e) = result {
+            let tenant = state.shared.lock().tenant.clone();
+            tracing::error!(tenant = %tenant, "cannot store the call's CDR ({e}): hanging the call up");
+            state.shared.lock().core.hangup("cannot record the call", Instant::now());
+            state.after_input(&myself);
+        }
+        Ok(())
     }
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {

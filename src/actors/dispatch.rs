@@ -49,9 +49,7 @@ impl Sink for Node {
                 let domain = host_of(&incoming.to_uri);
                 let tenant = self.routing.read().by_domain.get(&domain).cloned();
                 match tenant {
-                    Some(t) => {
-                        let _ = t.cast(TenantMsg::Sip(Box::new(incoming)));
-                    }
+                    Some(t) => self.to_tenant(&t, incoming),
                     None => refuse(404, "no tenant serves this domain"),
                 }
             }
@@ -76,10 +74,31 @@ impl Sink for Node {
                         None => return refuse(403, "unknown domain: calls must come from a tenant's users or a carrier trunk"),
                     }
                 };
-                let _ = tenant.cast(TenantMsg::Sip(Box::new(incoming)));
+                self.to_tenant(&tenant, incoming);
             }
             Method::Cancel => refuse(481, "no call matches this CANCEL"),
             _ => refuse(481, "no such call or transaction"),
+        }
+    }
+}
+
+impl Node {
+    /// Hands a new request to its tenant unless too much is already waiting
+    /// there: a flooded tenant's excess is refused here, at the edge, and
+    /// cannot grow its mailbox without bound.
+    fn to_tenant(&self, t: &super::node::TenantRoute, m: Incoming) {
+        if t.pending.fetch_add(1, Ordering::Relaxed) >= super::node::TENANT_QUEUE_LIMIT {
+            t.pending.fetch_sub(1, Ordering::Relaxed);
+            if let Some(req) = m.request() {
+                let mut r = msg::refusal(req, 503, Some(&stateless_tag(&m)), &self.advertised_ip.to_string(), "tenant overloaded");
+                msg::push(&mut r.headers, "Retry-After", "1");
+                msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"tenant request queue full\"");
+                self.send(m.peer, r.to_bytes());
+            }
+            return;
+        }
+        if t.actor.cast(TenantMsg::Sip(Box::new(m))).is_err() {
+            t.pending.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

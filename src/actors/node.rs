@@ -14,6 +14,9 @@
 use super::call::CallMsg;
 use super::tenant::{Tenant, TenantArgs, TenantMsg};
 use crate::config::{Config, TenantConfig};
+use crate::crypto::{MasterKey, MasterKeySource};
+use crate::store::writer::RecordWriter;
+use crate::store::{EmbeddedStore, RecordKind, RedisStore, RedisStoreConfig, ScopedStore, Store, TenantId, Vault};
 use crate::media::{MediaConfig, MediaEngine};
 use crate::sip::auth::NonceSecret;
 use crate::sip::msg::{Peer, Proto};
@@ -42,13 +45,27 @@ pub struct Node {
     pub timers: TimerConfig,
     /// Calls in progress on this node (admission: `node.max_calls`).
     pub active_calls: AtomicUsize,
+    pub vault: Vault,
+    /// Group-commits CDRs and events.
+    pub writer: RecordWriter,
+}
+
+/// Most requests a tenant may have waiting in its mailbox; beyond, new requests
+/// get 503 at the edge (ractor mailboxes are unbounded, so this bounds them).
+pub const TENANT_QUEUE_LIMIT: usize = 1000;
+
+/// A tenant as the edge sees it: its actor and how much is waiting for it.
+#[derive(Clone)]
+pub struct TenantRoute {
+    pub actor: ActorRef<TenantMsg>,
+    pub pending: Arc<AtomicUsize>,
 }
 
 /// Edge identification of tenants: by SIP domain and by DID.
 #[derive(Default)]
 pub struct Routing {
-    pub by_domain: HashMap<String, ActorRef<TenantMsg>>,
-    pub by_did: HashMap<String, ActorRef<TenantMsg>>,
+    pub by_domain: HashMap<String, TenantRoute>,
+    pub by_did: HashMap<String, TenantRoute>,
 }
 
 impl Node {
@@ -69,9 +86,67 @@ impl Node {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens the store and the master key; logs clearly where the key is.
+pub async fn open_vault(config: &Config) -> Result<Vault, BoxError> {
+    std::fs::create_dir_all(&config.node.data_dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e} (set [node] data_dir in {})", config.node.data_dir.display(), config.file.display()))?;
+    let (master, source) = MasterKey::resolve(&config.store.master_key_file)?;
+    match source {
+        MasterKeySource::Env => tracing::info!("master key: from CROSSBAR_MASTER_KEY"),
+        MasterKeySource::File(p) => tracing::info!("master key: {}", p.display()),
+        MasterKeySource::Generated(p) => tracing::warn!(
+            "generated a new master key at {}: BACK IT UP (losing it loses every tenant's data; \
+             set CROSSBAR_MASTER_KEY to keep it out of the data directory)",
+            p.display()
+        ),
+    }
+    let store: Arc<dyn Store> = match config.store.backend.as_str() {
+        "redis" => {
+            let url = config.store.redis_url.clone().unwrap_or_default();
+            Arc::new(RedisStore::connect(RedisStoreConfig::new(url)).await?)
+        }
+        _ => Arc::new(EmbeddedStore::open(&config.node.data_dir).await?),
+    };
+    Ok(Vault::new(store, master))
+}
+
+/// A tenant's store scope and its configuration: the stored one, or (first
+/// start) the bootstrap file's, which is then stored.
+pub async fn open_tenant(vault: &Vault, file_cfg: &TenantConfig) -> Result<(ScopedStore, TenantConfig), BoxError> {
+    let tid = TenantId::new(file_cfg.id.clone())?;
+    let scoped = vault.open_or_create_tenant(&tid).await?;
+    let cfg = match scoped.get_json::<TenantConfig>(RecordKind::Config, "tenant").await? {
+        Some(mut stored) => {
+            stored.file = file_cfg.file.clone();
+            tracing::info!(tenant = %stored.id, "configuration from the store ({} is only read on first start)", file_cfg.file.display());
+            stored
+        }
+        None => {
+            scoped.put_json(RecordKind::Config, "tenant", file_cfg).await?;
+            tracing::info!(tenant = %file_cfg.id, "bootstrapped from {}", file_cfg.file.display());
+            file_cfg.clone()
+        }
+    };
+    Ok((scoped, cfg))
+}
+
 /// Binds the listeners, starts the supervision tree and the transports.
 /// Returns once everything is up.
-pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), BoxError> {
+    let started = std::time::SystemTime::now();
+    let vault = open_vault(&config).await?;
+    let mut tenants = Vec::new();
+    for t in &config.tenants {
+        let (scoped, cfg) = open_tenant(&vault, t).await?;
+        let n = crate::cdr::close_interrupted(&scoped, started).await?;
+        if n > 0 {
+            tracing::warn!(tenant = %cfg.id, "closed {n} CDRs of calls interrupted by the last stop");
+        }
+        tenants.push((scoped, cfg));
+    }
+    let writer = RecordWriter::start(vault.store().clone());
     let tls = match (config.sip.tls, &config.sip.tls_cert, &config.sip.tls_key) {
         (Some(addr), Some(cert), Some(key)) => Some(TlsSettings { addr, cert: cert.clone(), key: key.clone() }),
         _ => None,
@@ -97,8 +172,10 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
         nonces: NonceSecret::generate(),
         timers: TimerConfig { t1, t2, t4 },
         active_calls: AtomicUsize::new(0),
+        vault,
+        writer,
     });
-    let (sup, _) = Actor::spawn(Some("node".into()), NodeSupervisor, node.clone()).await?;
+    let (sup, _) = Actor::spawn(Some("node".into()), NodeSupervisor, (node.clone(), tenants)).await?;
     transports.start(node.clone());
     Ok((node, sup))
 }
@@ -108,21 +185,27 @@ pub enum NodeMsg {}
 /// Root supervisor: owns the TenantSupervisor; if that ever fails it is restarted.
 pub struct NodeSupervisor;
 
+pub struct NodeSupState {
+    node: Arc<Node>,
+    tenants: Vec<(ScopedStore, TenantConfig)>,
+}
+
 impl Actor for NodeSupervisor {
     type Msg = NodeMsg;
-    type State = Arc<Node>;
-    type Arguments = Arc<Node>;
+    type State = NodeSupState;
+    type Arguments = (Arc<Node>, Vec<(ScopedStore, TenantConfig)>);
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, node: Arc<Node>) -> Result<Self::State, ActorProcessingErr> {
-        Actor::spawn_linked(Some("tenants".into()), TenantSupervisor, node.clone(), myself.get_cell()).await?;
-        Ok(node)
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, (node, tenants): Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        Actor::spawn_linked(Some("tenants".into()), TenantSupervisor, (node.clone(), tenants.clone()), myself.get_cell()).await?;
+        Ok(NodeSupState { node, tenants })
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, evt: SupervisionEvent, node: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, evt: SupervisionEvent, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 tracing::error!(actor = ?cell.get_id(), "tenant supervisor failed: {err}; restarting it");
-                Actor::spawn_linked(Some("tenants".into()), TenantSupervisor, node.clone(), myself.get_cell()).await?;
+                let args = (state.node.clone(), state.tenants.clone());
+                Actor::spawn_linked(Some("tenants".into()), TenantSupervisor, args, myself.get_cell()).await?;
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 tracing::info!(actor = ?cell.get_id(), ?reason, "tenant supervisor stopped");
@@ -146,12 +229,12 @@ pub struct TenantSupState {
 impl Actor for TenantSupervisor {
     type Msg = NodeMsg;
     type State = TenantSupState;
-    type Arguments = Arc<Node>;
+    type Arguments = (Arc<Node>, Vec<(ScopedStore, TenantConfig)>);
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, node: Arc<Node>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, (node, tenants): Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let mut state = TenantSupState { node: node.clone(), children: HashMap::new() };
-        for t in node.config.tenants.clone() {
-            let args = TenantArgs::new(t, node.clone());
+        for (store, cfg) in tenants {
+            let args = TenantArgs::new(cfg, store, node.clone());
             spawn_tenant(&myself, &mut state, args).await?;
         }
         Ok(state)
@@ -161,14 +244,15 @@ impl Actor for TenantSupervisor {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(args) = state.children.remove(&cell.get_id()) {
-                    tracing::error!(tenant = %args.config.id, "tenant actor failed: {err}; restarting it");
+                    tracing::error!(tenant = %args.config.lock().id, "tenant actor failed: {err}; restarting it");
                     spawn_tenant(&myself, state, args).await?;
                 }
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(args) = state.children.remove(&cell.get_id()) {
-                    tracing::info!(tenant = %args.config.id, ?reason, "tenant actor stopped");
-                    unroute(&state.node, &args.config);
+                    let cfg = args.config.lock().clone();
+                    tracing::info!(tenant = %cfg.id, ?reason, "tenant actor stopped");
+                    unroute(&state.node, &cfg);
                 }
             }
             _ => {}
@@ -178,13 +262,15 @@ impl Actor for TenantSupervisor {
 }
 
 async fn spawn_tenant(sup: &ActorRef<NodeMsg>, state: &mut TenantSupState, args: TenantArgs) -> Result<(), ActorProcessingErr> {
-    let cfg = args.config.clone();
+    let cfg = args.config.lock().clone();
     let (tenant, _) = Actor::spawn_linked(None, Tenant, args.clone(), sup.get_cell()).await?;
+    args.pending.store(0, Ordering::Relaxed);
+    let route = TenantRoute { actor: tenant.clone(), pending: args.pending.clone() };
     state.children.insert(tenant.get_id(), args);
     let mut routing = state.node.routing.write();
-    routing.by_domain.insert(cfg.domain.to_ascii_lowercase(), tenant.clone());
+    routing.by_domain.insert(cfg.domain.to_ascii_lowercase(), route.clone());
     for d in &cfg.dids {
-        routing.by_did.insert(d.number.clone(), tenant.clone());
+        routing.by_did.insert(d.number.clone(), route.clone());
     }
     Ok(())
 }

@@ -9,7 +9,9 @@
 use super::call::{Call, CallArgs, CallShared};
 use super::dispatch::stateless_tag;
 use super::node::Node;
-use crate::config::TenantConfig;
+use crate::cdr::{self, Cdr, CdrState, Event};
+use crate::config::{Limits, LimitOverrides, Plan, TenantConfig};
+use crate::store::{RecordKind, ScopedStore};
 use crate::sip::auth::{self, NonceCheck};
 use crate::sip::b2bua::{B2bua, CallSetup};
 use crate::sip::msg::{self, Incoming, Peer, Proto};
@@ -17,8 +19,9 @@ use crate::sip::registrar::{ExpiryLimits, Registrar};
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rsipstack::sip::{Method, Request};
+use ractor::RpcReplyPort;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,22 +33,56 @@ pub enum TenantMsg {
     Sip(Box<Incoming>),
     /// Periodic housekeeping (expired registrations).
     Tick,
+    /// The one way to change a tenant at runtime: validated against its plan,
+    /// stored, and in effect from the next call. Replies with the new limits.
+    Update(TenantUpdate, RpcReplyPort<Result<Limits, String>>),
     /// Test-only: make this tenant actor panic.
     #[cfg(feature = "fault-injection")]
     Panic,
 }
 
-/// What a tenant needs to (re)start; registrations survive a restart.
+/// A change to a tenant's settings.
+#[derive(Debug, Clone)]
+pub enum TenantUpdate {
+    Plan { plan: Plan, limits: Option<LimitOverrides> },
+}
+
+/// What a tenant needs to (re)start; its configuration (as last changed) and
+/// its registrations survive a restart.
 #[derive(Clone)]
 pub struct TenantArgs {
-    pub config: TenantConfig,
+    pub config: Arc<Mutex<TenantConfig>>,
+    pub store: ScopedStore,
     pub node: Arc<Node>,
     pub registrar: Arc<Mutex<Registrar>>,
+    /// Requests cast to this tenant and not yet handled (bounded at the edge).
+    pub pending: Arc<AtomicUsize>,
 }
 
 impl TenantArgs {
-    pub fn new(config: TenantConfig, node: Arc<Node>) -> Self {
-        Self { config, node, registrar: Arc::new(Mutex::new(Registrar::default())) }
+    pub fn new(config: TenantConfig, store: ScopedStore, node: Arc<Node>) -> Self {
+        Self { config: Arc::new(Mutex::new(config)), store, node, registrar: Arc::new(Mutex::new(Registrar::default())), pending: Arc::new(AtomicUsize::new(0)) }
+    }
+}
+
+/// New-call rate limiting: a token bucket refilled at `calls_per_second`, one
+/// second's worth of burst.
+struct RateLimiter {
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    fn admit(&mut self, rate: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -53,6 +90,10 @@ pub struct Tenant;
 
 pub struct TenantState {
     args: TenantArgs,
+    /// This tenant's configuration (a snapshot of `args.config`).
+    cfg: TenantConfig,
+    limits: Limits,
+    rate: RateLimiter,
     passwords: HashMap<String, String>,
     /// Call actors of this tenant → their shared state, for clean-up if one fails.
     calls: HashMap<ractor::ActorId, Arc<Mutex<CallShared>>>,
@@ -65,10 +106,13 @@ impl Actor for Tenant {
     type Arguments = TenantArgs;
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: TenantArgs) -> Result<Self::State, ActorProcessingErr> {
-        let passwords = args.config.users.iter().map(|u| (u.extension.clone(), u.password.clone())).collect();
+        let cfg = args.config.lock().clone();
+        let passwords = cfg.users.iter().map(|u| (u.extension.clone(), u.password.clone())).collect();
         let tick = myself.send_interval(Duration::from_secs(30), || TenantMsg::Tick);
-        tracing::info!(tenant = %args.config.id, domain = %args.config.domain, "tenant started");
-        Ok(TenantState { args, passwords, calls: HashMap::new(), tick: Some(tick) })
+        let limits = cfg.limits();
+        tracing::info!(tenant = %cfg.id, domain = %cfg.domain, plan = cfg.plan.as_str(), "tenant started");
+        let rate = RateLimiter { tokens: limits.calls_per_second.max(1.0), last: Instant::now() };
+        Ok(TenantState { args, cfg, limits, rate, passwords, calls: HashMap::new(), tick: Some(tick) })
     }
 
     async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -81,7 +125,12 @@ impl Actor for Tenant {
     async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             TenantMsg::Sip(m) => {
+                state.args.pending.fetch_sub(1, Ordering::Relaxed);
                 let m = *m;
+                #[cfg(feature = "fault-injection")]
+                if m.header("X-Crossbar-Fault").is_some_and(|v| v.trim() == "panic-tenant") {
+                    panic!("fault injection: tenant {} panics on purpose", state.cfg.id);
+                }
                 let Some(req) = m.request().cloned() else { return Ok(()) };
                 match req.method {
                     Method::Register => state.on_register(&m, &req),
@@ -92,11 +141,15 @@ impl Actor for Tenant {
             TenantMsg::Tick => {
                 let n = state.args.registrar.lock().purge(Instant::now());
                 if n > 0 {
-                    tracing::debug!(tenant = %state.args.config.id, "{n} registrations expired");
+                    tracing::debug!(tenant = %state.cfg.id, "{n} registrations expired");
                 }
             }
+            TenantMsg::Update(update, reply) => {
+                let result = state.update(update).await;
+                let _ = reply.send(result);
+            }
             #[cfg(feature = "fault-injection")]
-            TenantMsg::Panic => panic!("fault injection: tenant {} panics on purpose", state.args.config.id),
+            TenantMsg::Panic => panic!("fault injection: tenant {} panics on purpose", state.cfg.id),
         }
         Ok(())
     }
@@ -108,7 +161,7 @@ impl Actor for Tenant {
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 // A failed call is cleaned up here and never stops its tenant.
-                tracing::error!(tenant = %state.args.config.id, actor = ?cell.get_id(), "call failed: {err}; hanging it up");
+                tracing::error!(tenant = %state.cfg.id, actor = ?cell.get_id(), "call failed: {err}; hanging it up");
                 if let Some(shared) = state.calls.remove(&cell.get_id()) {
                     super::call::clean_up_failed(&state.args.node, &shared);
                 }
@@ -131,6 +184,36 @@ impl TenantState {
         &self.args.node
     }
 
+    async fn update(&mut self, update: TenantUpdate) -> Result<Limits, String> {
+        let mut next = self.cfg.clone();
+        match update {
+            TenantUpdate::Plan { plan, limits } => {
+                next.plan = plan;
+                if let Some(l) = limits {
+                    next.limits = l;
+                }
+            }
+        }
+        next.check_plan().map_err(|(field, problem, fix)| format!("{field}: {problem}. Fix: {fix}"))?;
+        self.args.store.put_json(RecordKind::Config, "tenant", &next).await.map_err(|e| e.to_string())?;
+        let limits = next.limits();
+        tracing::info!(tenant = %next.id, plan = next.plan.as_str(), ?limits, "tenant settings changed");
+        cdr::emit(&self.node().writer, &self.args.store, Event::new("tenant.updated", None, Some(format!("plan {}", next.plan.as_str()))));
+        *self.args.config.lock() = next.clone();
+        self.cfg = next;
+        self.limits = limits;
+        Ok(limits)
+    }
+
+    /// Refuses a new call over a limit: 503 with a Reason naming the limit, and an event.
+    fn refuse_limit(&self, m: &Incoming, req: &Request, what: &str) {
+        let mut r = msg::refusal(req, 503, Some(&stateless_tag(m)), &self.host(), what);
+        msg::push(&mut r.headers, "Reason", format!("SIP;cause=503;text=\"{what}\""));
+        msg::push(&mut r.headers, "Retry-After", "1");
+        self.node().send(m.peer, r.to_bytes());
+        cdr::emit(&self.node().writer, &self.args.store, Event::new("limit.refused", None, Some(what.to_string())));
+    }
+
     fn host(&self) -> String {
         self.node().advertised_ip.to_string()
     }
@@ -142,7 +225,7 @@ impl TenantState {
 
     /// Digest authentication in this tenant's realm (RFC 8760: SHA-256 and MD5 offered).
     fn authenticate(&self, m: &Incoming, req: &Request, header: &str) -> Auth {
-        let realm = &self.args.config.domain;
+        let realm = &self.cfg.domain;
         let Some(value) = msg::header(&req.headers, header) else { return Auth::Challenge { stale: false } };
         let Ok(creds) = auth::parse_credentials(value) else { return Auth::Refused("malformed credentials") };
         if !creds.realm.eq_ignore_ascii_case(realm) {
@@ -162,7 +245,7 @@ impl TenantState {
     }
 
     fn challenge(&self, m: &Incoming, req: &Request, code: u16, stale: bool) {
-        let realm = &self.args.config.domain;
+        let realm = &self.cfg.domain;
         let nonce = self.node().nonces.nonce(realm, SystemTime::now());
         let mut r = msg::response_to(req, code, Some(&stateless_tag(m)));
         let name = if code == 407 { "Proxy-Authenticate" } else { "WWW-Authenticate" };
@@ -184,9 +267,20 @@ impl TenantState {
             Auth::User(u) if u != user => self.respond(m, req, 403, "credentials do not match the registered address (To)"),
             Auth::User(u) => {
                 let limits = ExpiryLimits { min: self.node().config.sip.min_expires, max: self.node().config.sip.max_expires };
-                let resp = self.args.registrar.lock().register(m, req, &u, limits, &stateless_tag(m), &self.host(), Instant::now());
-                tracing::info!(tenant = %self.args.config.id, user = %u, code = u16::from(resp.status_code.clone()), "REGISTER");
+                let (resp, before, after) = {
+                    let mut reg = self.args.registrar.lock();
+                    let now = Instant::now();
+                    let before = reg.lookup(&u, now).len();
+                    let resp = reg.register(m, req, &u, limits, &stateless_tag(m), &self.host(), now);
+                    (resp, before, reg.lookup(&u, now).len())
+                };
+                let code = u16::from(resp.status_code.clone());
+                tracing::info!(tenant = %self.cfg.id, user = %u, code, "REGISTER");
                 self.node().send(m.peer, resp.to_bytes());
+                if before != after {
+                    let kind = if after > before { "registration.added" } else { "registration.removed" };
+                    cdr::emit(&self.node().writer, &self.args.store, Event::new(kind, None, Some(format!("{u}: {after} contact(s)"))));
+                }
             }
         }
     }
@@ -198,16 +292,22 @@ impl TenantState {
             return;
         }
         let node = self.node().clone();
-        let cfg = &self.args.config;
+        let cfg = &self.cfg;
         let from_carrier = node.carrier_sources.contains(&m.peer.addr.ip());
         let now = Instant::now();
         // Route: (callee URI, where to send, From towards the callee, To towards the callee).
+        let caller = m.from_uri.user().unwrap_or("anonymous").to_string();
+        let dialled = req.uri.user().unwrap_or("").to_string();
+        let mut did_used: Option<String> = None;
+        let mut direction = cdr::Direction::Internal;
+        let trunk_name = node.config.trunks.first().map(|t| t.name.clone());
         let route = if from_carrier {
-            let did = super::dispatch::normalize_did(req.uri.user().unwrap_or(""));
+            direction = cdr::Direction::Inbound;
+            let did = super::dispatch::normalize_did(&dialled);
             let Some(ext) = cfg.dids.iter().find(|d| d.number == did).map(|d| d.extension.clone()) else {
                 return self.respond(&m, &req, 404, "unknown number (DID)");
             };
-            let caller = m.from_uri.user().unwrap_or("anonymous").to_string();
+            did_used = Some(did);
             let from = format!("<sip:{caller}@{}>", node.advertised_ip);
             self.route_to_extension(&m, &req, &ext, from, now)
         } else {
@@ -231,6 +331,8 @@ impl TenantState {
                 let Some(cli) = cfg.dids.first().map(|d| d.number.clone()) else {
                     return self.respond(&m, &req, 403, "this tenant has no DID to present as caller id");
                 };
+                direction = cdr::Direction::Outbound;
+                did_used = Some(cli.clone());
                 Some((format!("sip:{number}@{trunk}"), Peer { proto: Proto::Udp, addr: trunk }, format!("<sip:{cli}@{}>", node.advertised_ip), format!("<sip:{number}@{trunk}>")))
             } else {
                 return self.respond(&m, &req, 404, "no such extension or number in this tenant");
@@ -238,11 +340,14 @@ impl TenantState {
         };
         let Some((b_uri, b_peer, b_from, b_to)) = route else { return };
 
-        // Admission.
-        if self.calls.len() >= cfg.max_calls {
-            let mut r = msg::refusal(&req, 503, Some(&stateless_tag(&m)), &self.host(), "tenant concurrent call limit reached");
-            msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"tenant concurrent call limit\"");
-            return self.node().send(m.peer, r.to_bytes());
+        // Admission against the plan's limits.
+        if self.calls.len() >= self.limits.max_calls {
+            let what = format!("tenant concurrent call limit ({})", self.limits.max_calls);
+            return self.refuse_limit(&m, &req, &what);
+        }
+        if !self.rate.admit(self.limits.calls_per_second, now) {
+            let what = format!("tenant call rate limit ({} calls/s)", self.limits.calls_per_second);
+            return self.refuse_limit(&m, &req, &what);
         }
         let media = match node.media.open_session().await {
             Ok(s) => s,
@@ -271,8 +376,42 @@ impl TenantState {
             Ok(c) => c,
             Err(refusal) => return self.respond(&m, &req, refusal.code, &refusal.reason),
         };
-        let shared = Arc::new(Mutex::new(CallShared::new(core, media, m.peer, b_peer, cfg.id.clone())));
-        let args = CallArgs { node: node.clone(), shared: shared.clone() };
+        let started = SystemTime::now();
+        let cdr = Cdr {
+            id: cdr::new_id(started, &m.call_id),
+            tenant: cfg.id.clone(),
+            call_id: m.call_id.clone(),
+            direction,
+            from: caller,
+            to: dialled,
+            trunk: if direction == cdr::Direction::Internal { None } else { trunk_name },
+            did: did_used.clone(),
+            start: cdr::rfc3339(started),
+            answer: None,
+            end: None,
+            duration_s: None,
+            billable_s: None,
+            disposition: "in-progress".into(),
+            hangup_code: None,
+            hangup_reason: None,
+            hangup_side: None,
+            agent: None,
+            queue: None,
+            state: CdrState::InProgress,
+            recording: None,
+            node: node.config.node.name.clone(),
+        };
+        // The CDR is durable before the caller can hear an answer: the call waits for this.
+        let cdr_ack = match cdr.start_ops(&self.args.store) {
+            Ok(ops) => node.writer.write(ops),
+            Err(e) => {
+                tracing::error!(tenant = %cfg.id, "cannot seal a CDR: {e}");
+                return self.respond(&m, &req, 500, "cannot record the call");
+            }
+        };
+        let record = self.limits.recording && cfg.records(did_used.as_deref().filter(|_| direction == cdr::Direction::Inbound));
+        let shared = Arc::new(Mutex::new(CallShared::new(core, media, m.peer, b_peer, cdr, self.args.store.clone(), record)));
+        let args = CallArgs { node: node.clone(), shared: shared.clone(), cdr_ack: Some(cdr_ack) };
         match Actor::spawn_linked(None, Call, args, myself.get_cell()).await {
             Ok((call, _)) => {
                 self.calls.insert(call.get_id(), shared);
@@ -293,7 +432,7 @@ impl TenantState {
             self.respond(m, req, 480, "the extension is not registered");
             return None;
         };
-        let to = format!("<sip:{ext}@{}>", self.args.config.domain);
+        let to = format!("<sip:{ext}@{}>", self.cfg.domain);
         Some((b.contact, b.peer, from, to))
     }
 }

@@ -48,6 +48,10 @@ pub enum CallOutput {
     Send { side: Side, bytes: Vec<u8> },
     /// A party's media address from its SDP.
     Media { side: Side, rtp: SocketAddr, rtcp: Option<SocketAddr> },
+    /// The callee is ringing (first 180/183 passed to the caller).
+    Ringing,
+    /// The callee answered and the caller got the 2xx.
+    Answered,
     /// The call is over as far as the parties are concerned (CDR time). Given once.
     Ended(EndInfo),
 }
@@ -204,6 +208,7 @@ pub struct B2bua {
     /// ACK sent for B's 2xx, re-sent when the 2xx is retransmitted.
     b_ack: Option<Vec<u8>>,
     cancel_pending: bool,
+    ringing_reported: bool,
     clients: Vec<Client>,
     servers: Vec<Server>,
     next_id: u64,
@@ -289,6 +294,7 @@ impl B2bua {
             b_give_up_at: None,
             b_ack: None,
             cancel_pending: false,
+            ringing_reported: false,
             clients: Vec::new(),
             servers: Vec::new(),
             next_id: 0,
@@ -683,6 +689,10 @@ impl B2bua {
                     }
                 }
                 self.a_invite.respond(r, now);
+                if !self.ringing_reported {
+                    self.ringing_reported = true;
+                    self.out.push_back(CallOutput::Ringing);
+                }
             }
             ClientEvent::Final(resp) => {
                 self.b_final = true;
@@ -751,6 +761,7 @@ impl B2bua {
         self.a_invite.respond(r, now);
         self.a_invite_final = true;
         self.state = State::Answered;
+        self.out.push_back(CallOutput::Answered);
     }
 
     fn on_client_event(&mut self, i: usize, ev: ClientEvent, now: Instant) {

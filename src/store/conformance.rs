@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
+use super::BatchOp;
 use super::testutil::{RedisServer, TempDir};
 use super::*;
 
@@ -520,6 +521,31 @@ pub(crate) async fn run_conformance(store: Arc<dyn Store>) -> usize {
         s.append_event(&acme, b"again".to_vec()).await.unwrap() == 1,
         "a deleted tenant starts a new stream"
     );
+
+    // Group commit: puts, deletes and events of several tenants in one batch, in order.
+    let k1 = StoreKey::new(&acme, RecordKind::Cdr, "b1").unwrap();
+    let k2 = StoreKey::new(&acme2, RecordKind::Cdr, "b1").unwrap();
+    let gone = StoreKey::new(&acme, RecordKind::ActiveCall, "b1").unwrap();
+    s.put(&gone, b"open".to_vec()).await.unwrap();
+    s.write_batch(vec![
+        BatchOp::Put(k1.clone(), b"one".to_vec()),
+        BatchOp::Put(k2.clone(), b"two".to_vec()),
+        BatchOp::Event(acme.clone(), b"e2".to_vec()),
+        BatchOp::Event(acme.clone(), b"e3".to_vec()),
+        BatchOp::Delete(gone.clone()),
+        BatchOp::Put(k1.clone(), b"one-v2".to_vec()),
+    ])
+    .await
+    .unwrap();
+    check!(s.get(&k1).await.unwrap().as_deref() == Some(&b"one-v2"[..]), "batch ops apply in order");
+    check!(s.get(&k2).await.unwrap().as_deref() == Some(&b"two"[..]), "batch writes each tenant's key");
+    check!(s.get(&gone).await.unwrap().is_none(), "batch delete removes the record");
+    let ev = s.read_events(&acme, Some(1), 10).await.unwrap();
+    check!(
+        ev.iter().map(|(n, v)| (*n, v.clone())).collect::<Vec<_>>() == vec![(2, b"e2".to_vec()), (3, b"e3".to_vec())],
+        "batch events continue the stream in order: {ev:?}"
+    );
+    s.write_batch(Vec::new()).await.unwrap();
 
     checks
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 
-use super::{check_page, NodeKey, RecordKind, Store, StoreError, StoreKey, TenantId};
+use super::{check_page, BatchOp, NodeKey, RecordKind, Store, StoreError, StoreKey, TenantId};
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
@@ -132,6 +132,44 @@ fn scan(
 impl Store for EmbeddedStore {
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+
+    async fn write_batch(&self, ops: Vec<BatchOp>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.run(move |db| {
+            let e = |e: redb::StorageError| StoreError::embedded("write_batch", e);
+            let tx = db.begin_write().map_err(|e| StoreError::embedded("write_batch", e))?;
+            {
+                let mut records = tx.open_table(RECORDS).map_err(|e| StoreError::embedded("write_batch", e))?;
+                let mut events = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("write_batch", e))?;
+                for op in &ops {
+                    match op {
+                        BatchOp::Put(k, v) => {
+                            records.insert(k.to_string().as_str(), v.as_slice()).map_err(e)?;
+                        }
+                        BatchOp::Delete(k) => {
+                            records.remove(k.to_string().as_str()).map_err(e)?;
+                        }
+                        BatchOp::Event(t, v) => {
+                            let t = t.as_str();
+                            let last = events
+                                .range::<(&str, u64)>((t, 0)..=(t, u64::MAX))
+                                .map_err(e)?
+                                .next_back()
+                                .transpose()
+                                .map_err(e)?
+                                .map(|(k, _)| k.value().1)
+                                .unwrap_or(0);
+                            events.insert((t, last + 1), v.as_slice()).map_err(e)?;
+                        }
+                    }
+                }
+            }
+            tx.commit().map_err(|e| StoreError::embedded("write_batch", e))
+        })
+        .await
     }
 
     async fn put(&self, key: &StoreKey, value: Vec<u8>) -> Result<(), StoreError> {

@@ -22,6 +22,7 @@ use crate::crypto::CryptoError;
 pub mod embedded;
 pub mod redis;
 mod scoped;
+pub mod writer;
 
 #[cfg(test)]
 mod conformance;
@@ -117,6 +118,9 @@ pub enum StoreError {
 
     #[error("tenant {0} has no data keys; create it with Vault::create_tenant first (or it was deleted)")]
     UnknownTenant(TenantId),
+
+    #[error("a write for tenant {other} was given to tenant {scope}'s store; scopes never mix (this is a bug in the caller)")]
+    CrossTenant { scope: TenantId, other: TenantId },
 
     #[error("tenant {0} already exists; open it with Vault::open_tenant instead")]
     TenantExists(TenantId),
@@ -272,6 +276,8 @@ record_kinds! {
     Route => "route",
     /// Call detail records.
     Cdr => "cdr",
+    /// Calls in progress (id = their CDR id): closed as `interrupted` after a crash.
+    ActiveCall => "active-call",
     /// Keyed event records (the ordered stream is `append_event`/`read_events`).
     Event => "event",
     /// Call recordings (metadata or small blobs).
@@ -409,10 +415,36 @@ impl fmt::Display for NodeKey {
 /// * events get strictly increasing sequence numbers per tenant, starting at 1.
 /// * `delete_tenant` removes every record and event of that tenant and nothing else; it does
 ///   not touch node-level records (the [`Vault`] shreds keys separately, before calling it).
+/// One write of a batch (see [`Store::write_batch`]); values are already sealed.
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    Put(StoreKey, Vec<u8>),
+    Delete(StoreKey),
+    Event(TenantId, Vec<u8>),
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Short backend name for logs ("embedded", "redis").
     fn backend(&self) -> &'static str;
+
+    /// Applies many writes at once (group commit: one durable transaction on the
+    /// embedded backend). Durable when it returns, like `put`. Backends without a
+    /// cheaper way apply the ops one by one, in order.
+    async fn write_batch(&self, ops: Vec<BatchOp>) -> Result<(), StoreError> {
+        for op in ops {
+            match op {
+                BatchOp::Put(k, v) => self.put(&k, v).await?,
+                BatchOp::Delete(k) => {
+                    self.delete(&k).await?;
+                }
+                BatchOp::Event(t, v) => {
+                    self.append_event(&t, v).await?;
+                }
+            }
+        }
+        Ok(())
+    }
 
     async fn put(&self, key: &StoreKey, value: Vec<u8>) -> Result<(), StoreError>;
     async fn get(&self, key: &StoreKey) -> Result<Option<Vec<u8>>, StoreError>;

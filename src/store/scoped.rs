@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
+    BatchOp,
     validate_record_id, NodeKey, RecordKind, Store, StoreError, StoreKey, TenantId, MAX_PAGE,
 };
 use crate::crypto::{CryptoError, KeyId, Keyring, MasterKey, SealContext, WrappedKey};
@@ -431,6 +432,40 @@ impl ScopedStore {
         }
     }
 
+    /// A sealed put for [`Store::write_batch`] (the record writer's group commit).
+    pub fn sealed_put(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<BatchOp, StoreError> {
+        let key = self.key(kind, id)?;
+        let sealed = self.seal(SealContext::Record { kind, id }, &key, value)?;
+        Ok(BatchOp::Put(key, sealed))
+    }
+
+    /// Writes a batch of this tenant's ops (from the `sealed_*`/`batch_*` helpers)
+    /// in one transaction. Ops of another tenant are refused: scopes never mix.
+    pub async fn write_batch(&self, ops: Vec<BatchOp>) -> Result<(), StoreError> {
+        for op in &ops {
+            let t = match op {
+                BatchOp::Put(k, _) | BatchOp::Delete(k) => k.tenant(),
+                BatchOp::Event(t, _) => t,
+            };
+            if t != &self.scope.tenant {
+                return Err(StoreError::CrossTenant { scope: self.scope.tenant.clone(), other: t.clone() });
+            }
+        }
+        self.vault.inner.store.write_batch(ops).await
+    }
+
+    /// A delete for [`Store::write_batch`].
+    pub fn batch_delete(&self, kind: RecordKind, id: &str) -> Result<BatchOp, StoreError> {
+        Ok(BatchOp::Delete(self.key(kind, id)?))
+    }
+
+    /// A sealed event append for [`Store::write_batch`].
+    pub fn sealed_event(&self, data: &[u8]) -> Result<BatchOp, StoreError> {
+        let what = format!("{}/events", self.scope.tenant);
+        let sealed = self.seal(SealContext::Event, &what, data)?;
+        Ok(BatchOp::Event(self.scope.tenant.clone(), sealed))
+    }
+
     pub async fn put(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<(), StoreError> {
         let key = self.key(kind, id)?;
         let sealed = self.seal(SealContext::Record { kind, id }, &key, value)?;
@@ -532,13 +567,10 @@ impl ScopedStore {
 
     /// Appends to the tenant's event stream; returns the sequence number.
     pub async fn append_event(&self, data: &[u8]) -> Result<u64, StoreError> {
-        let what = format!("{}/events", self.scope.tenant);
-        let sealed = self.seal(SealContext::Event, &what, data)?;
-        self.vault
-            .inner
-            .store
-            .append_event(&self.scope.tenant, sealed)
-            .await
+        let BatchOp::Event(tenant, sealed) = self.sealed_event(data)? else {
+            unreachable!("sealed_event always returns an Event op")
+        };
+        self.vault.inner.store.append_event(&tenant, sealed).await
     }
 
     /// Events after sequence number `after` (from the start if `None`), in order.

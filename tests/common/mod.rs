@@ -194,7 +194,7 @@ outbound = "{out}"
 const ACME_TOML: &str = r#"id = "acme"
 name = "Acme Corp"
 domain = "acme.localhost"
-max_calls = 1000
+plan = "enterprise"
 
 [[did]]
 number = "15550001000"
@@ -212,7 +212,7 @@ password = "acme1002pw"
 const GLOBEX_TOML: &str = r#"id = "globex"
 name = "Globex Inc"
 domain = "globex.localhost"
-max_calls = 1000
+plan = "enterprise"
 
 [[did]]
 number = "15550002000"

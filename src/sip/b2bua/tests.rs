@@ -49,6 +49,15 @@ struct Harness {
     to_b: Vec<String>,
     media: Vec<(Side, SocketAddr)>,
     ended: Vec<EndInfo>,
+    progress: Vec<&'static str>,
+}
+
+fn o_name(o: &CallOutput) -> &'static str {
+    match o {
+        CallOutput::Ringing => "ringing",
+        CallOutput::Answered => "answered",
+        _ => "other",
+    }
 }
 
 impl Harness {
@@ -56,18 +65,19 @@ impl Harness {
         let now = Instant::now();
         let setup = default_setup();
         let call = B2bua::new(setup, now).unwrap();
-        let mut h = Harness { call, now, to_a: vec![], to_b: vec![], media: vec![], ended: vec![] };
+        let mut h = Harness { call, now, to_a: vec![], to_b: vec![], media: vec![], ended: vec![], progress: vec![] };
         h.drain();
         h
     }
 
     fn drain(&mut self) {
         while let Some(o) = self.call.poll_output() {
-            match o {
+            match o.clone() {
                 CallOutput::Send { side: Side::A, bytes } => self.to_a.push(String::from_utf8(bytes).unwrap()),
                 CallOutput::Send { side: Side::B, bytes } => self.to_b.push(String::from_utf8(bytes).unwrap()),
                 CallOutput::Media { side, rtp, .. } => self.media.push((side, rtp)),
                 CallOutput::Ended(e) => self.ended.push(e),
+                CallOutput::Ringing | CallOutput::Answered => self.progress.push(o_name(&o)),
             }
         }
     }
@@ -138,6 +148,7 @@ fn invite_is_relayed_with_anchored_sdp_and_answer_reaches_caller() {
     assert!(ok.starts_with("SIP/2.0 200") && ok.contains("m=audio 20000 ") && ok.contains("c=IN IP4 192.0.2.1"), "{ok}");
     assert!(h.to_b.last().unwrap().starts_with("ACK sip:callee@10.0.0.2:5060"), "crossbar ACKs B's 2xx to its Contact");
     assert!(h.media.contains(&(Side::B, "10.0.0.2:5000".parse().unwrap())));
+    assert_eq!(h.progress, vec!["ringing", "answered"], "progress is reported once each");
 }
 
 #[test]

@@ -1,0 +1,85 @@
+//! The record writer: one task per node that group-commits tenant records and
+//! events, so a call's CDR costs a share of one transaction instead of an fsync
+//! of its own. Writers that need durability before going on (a call's CDR at
+//! start) wait for the acknowledgement; the rest fire and forget.
+
+use super::{BatchOp, Store, StoreError};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most ops committed in one transaction.
+const MAX_BATCH: usize = 2048;
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+#[derive(Clone)]
+pub struct RecordWriter {
+    tx: mpsc::UnboundedSender<(Vec<BatchOp>, Option<Ack>)>,
+}
+
+impl RecordWriter {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Arc<dyn Store>) -> RecordWriter {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(store, rx));
+        RecordWriter { tx }
+    }
+
+    /// Queues ops; the returned receiver resolves once they are durable.
+    pub fn write(&self, ops: Vec<BatchOp>) -> oneshot::Receiver<Result<(), String>> {
+        let (ack, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError((_, Some(ack)))) = self.tx.send((ops, Some(ack))) {
+            let _ = ack.send(Err("the record writer has stopped".into()));
+        }
+        rx
+    }
+
+    /// Queues ops without waiting.
+    pub fn write_detached(&self, ops: Vec<BatchOp>) {
+        if self.tx.send((ops, None)).is_err() {
+            tracing::error!("record writer stopped: records lost");
+        }
+    }
+}
+
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Vec<BatchOp>, Option<Ack>)>) {
+    while let Some(first) = rx.recv().await {
+        let mut ops = first.0;
+        let mut acks: Vec<Ack> = first.1.into_iter().collect();
+        while ops.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok((more, ack)) => {
+                    ops.extend(more);
+                    acks.extend(ack);
+                }
+                Err(_) => break,
+            }
+        }
+        let n = ops.len();
+        let result = write_with_retry(&*store, ops).await;
+        if let Err(e) = &result {
+            tracing::error!("cannot write {n} records: {e}");
+        }
+        let msg = result.map_err(|e| e.to_string());
+        for ack in acks {
+            let _ = ack.send(msg.clone());
+        }
+    }
+}
+
+async fn write_with_retry(store: &dyn Store, ops: Vec<BatchOp>) -> Result<(), StoreError> {
+    let mut delay = std::time::Duration::from_millis(20);
+    let mut attempt = 1;
+    loop {
+        match store.write_batch(ops.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                tracing::warn!("record batch failed (attempt {attempt}): {e}; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
