@@ -120,6 +120,14 @@ impl Cdr {
         ])
     }
 
+    /// The ops that record a call's answer.
+    pub fn answer_ops(&self, store: &ScopedStore) -> Result<Vec<BatchOp>, StoreError> {
+        Ok(vec![
+            store.sealed_put(RecordKind::Cdr, &self.id, &json(self))?,
+            store.sealed_event(&json(&Event::new("call.answered", Some(&self.id), None)))?,
+        ])
+    }
+
     /// The ops that record a call's end.
     pub fn end_ops(&self, store: &ScopedStore) -> Result<Vec<BatchOp>, StoreError> {
         Ok(vec![

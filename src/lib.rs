@@ -8,12 +8,14 @@
 //! - [`store`]: the tenant-scoped `Store` trait (embedded redb, Redis) and the `Vault`.
 //! - [`crypto`]: master key and per-tenant data keys (envelope encryption).
 //! - [`cdr`]: call detail records and the tenant event stream.
+//! - [`console`]: administration (the local admin socket used by the CLI).
 //! - [`actors`]: the ractor supervision tree: node, tenants, calls; `dispatch` routes received SIP.
 #![forbid(unsafe_code)]
 
 pub mod actors;
 pub mod cdr;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod media;
 pub mod sip;

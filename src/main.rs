@@ -5,26 +5,62 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  crossbar run [--config FILE]      start a node (default config/crossbar.toml)
-  crossbar check-config [--config FILE]  validate the configuration and exit";
+  crossbar run [--config FILE]                       start a node (default config/crossbar.toml)
+  crossbar check-config [--config FILE]              validate the configuration and exit
+  crossbar cdr list --tenant ID [--json] [--limit N] a tenant's call records, oldest first
+  crossbar events list --tenant ID [--limit N]       a tenant's event stream (JSON lines)
+  crossbar recording get --tenant ID CDR_ID --out FILE   a call's recording (WAV)
+  crossbar tenant set-plan --tenant ID PLAN          starter | pro | enterprise with the plan's own limits
+                                                     (per-tenant overrides cleared), effective on the next call
+Commands other than run talk to the running node through <data_dir>/admin.sock,
+or open the store themselves when no node runs.";
+
+/// Parsed command-line options shared by the subcommands.
+#[derive(Default)]
+struct Opts {
+    positional: Vec<String>,
+    tenant: Option<String>,
+    json: bool,
+    limit: Option<usize>,
+    out: Option<PathBuf>,
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let cmd = args.first().map(String::as_str).unwrap_or("");
     let mut config_path = PathBuf::from("config/crossbar.toml");
-    let mut i = 1;
+    let mut o = Opts::default();
+    let mut i = 0;
     while i < args.len() {
-        match args[i].as_str() {
-            "--config" | "-c" if i + 1 < args.len() => {
-                config_path = PathBuf::from(&args[i + 1]);
-                i += 2;
+        let value = args.get(i + 1).cloned();
+        match (args[i].as_str(), value) {
+            ("--config" | "-c", Some(v)) => config_path = PathBuf::from(v),
+            ("--tenant", Some(v)) => o.tenant = Some(v),
+            ("--out", Some(v)) => o.out = Some(PathBuf::from(v)),
+            ("--limit", Some(v)) => match v.parse() {
+                Ok(n) => o.limit = Some(n),
+                Err(_) => {
+                    eprintln!("crossbar: --limit needs a number, got {v:?}");
+                    return ExitCode::from(2);
+                }
+            },
+            ("--json", _) => {
+                o.json = true;
+                i += 1;
+                continue;
             }
-            other => {
-                eprintln!("crossbar: unknown argument {other:?}\n{USAGE}");
+            (a, _) if a.starts_with("--") => {
+                eprintln!("crossbar: unknown or incomplete option {a:?}\n{USAGE}");
                 return ExitCode::from(2);
             }
+            (a, _) => {
+                o.positional.push(a.to_string());
+                i += 1;
+                continue;
+            }
         }
+        i += 2;
     }
+    let pos: Vec<&str> = o.positional.iter().map(String::as_str).collect();
     let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -32,17 +68,104 @@ fn main() -> ExitCode {
             return ExitCode::from(78);
         }
     };
-    match cmd {
-        "check-config" => {
+    match pos.as_slice() {
+        ["check-config"] => {
             println!("{}: OK ({} tenants)", config_path.display(), config.tenants.len());
             ExitCode::SUCCESS
         }
-        "run" => run(config),
+        ["run"] => run(config),
+        ["cdr", "list"] | ["events", "list"] | ["recording", "get", _] | ["tenant", "set-plan", _] => admin_command(config, &pos, &o),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
         }
     }
+}
+
+/// Runs an admin command against the running node, or the store when no node runs.
+fn admin_command(config: Config, pos: &[&str], o: &Opts) -> ExitCode {
+    use crossbar::console::admin::{self, Request};
+    let Some(tenant) = o.tenant.clone() else {
+        eprintln!("crossbar: --tenant ID is required");
+        return ExitCode::from(2);
+    };
+    let limit = o.limit.unwrap_or(100);
+    let req = match pos {
+        ["cdr", "list"] => Request::CdrList { tenant, after: None, limit },
+        ["events", "list"] => Request::EventsList { tenant, after: None, limit },
+        ["recording", "get", id] => {
+            if o.out.is_none() {
+                eprintln!("crossbar: --out FILE is required");
+                return ExitCode::from(2);
+            }
+            Request::RecordingGet { tenant, id: id.to_string() }
+        }
+        ["tenant", "set-plan", plan] => Request::SetPlan { tenant, plan: plan.to_string(), limits: Some(Default::default()) },
+        _ => unreachable!("main only dispatches the commands matched above"),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crossbar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = rt.block_on(async {
+        let sock = admin::socket_path(&config.node.data_dir);
+        match admin::request(&sock, &req).await {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => {
+                // No node runs: open the store directly (it is not locked).
+                let vault = crossbar::actors::node::open_vault(&config).await.map_err(|e| e.to_string())?;
+                Ok(admin::execute(&vault, None, req).await)
+            }
+            Err(e) => Err(format!("cannot reach the node at {}: {e}", sock.display())),
+        }
+    });
+    let value = match answer {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            eprintln!("crossbar: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("crossbar: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match pos {
+        ["recording", "get", _] => {
+            use base64::Engine;
+            let out = o.out.as_ref().expect("checked above");
+            let wav = match value["wav_base64"].as_str().map(|b| base64::engine::general_purpose::STANDARD.decode(b)) {
+                Some(Ok(w)) => w,
+                _ => {
+                    eprintln!("crossbar: the node sent no recording data");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Err(e) = std::fs::write(out, &wav) {
+                eprintln!("crossbar: cannot write {}: {e}", out.display());
+                return ExitCode::FAILURE;
+            }
+            println!("{}: {} bytes", out.display(), wav.len());
+        }
+        ["cdr", "list"] if !o.json => {
+            println!("{:<31} {:<9} {:<16} {:<16} {:<24} {:>8} {:<12} {:<11}", "id", "direction", "from", "to", "start", "billsec", "disposition", "state");
+            for c in value.as_array().into_iter().flatten() {
+                let s = |k: &str| c[k].as_str().unwrap_or("-").to_string();
+                let bill = c["billable_s"].as_f64().map(|b| format!("{b:.1}")).unwrap_or_else(|| "-".into());
+                println!("{:<31} {:<9} {:<16} {:<16} {:<24} {:>8} {:<12} {:<11}", s("id"), s("direction"), s("from"), s("to"), s("start"), bill, s("disposition"), s("state"));
+            }
+        }
+        ["events", "list"] => {
+            for e in value.as_array().into_iter().flatten() {
+                println!("{e}");
+            }
+        }
+        _ => println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default()),
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(config: Config) -> ExitCode {

@@ -70,7 +70,11 @@ impl CallShared {
                 CallOutput::Ringing => self.event(node, "call.ringing"),
                 CallOutput::Answered => {
                     self.cdr.answer = Some(cdr::rfc3339(std::time::SystemTime::now()));
-                    self.event(node, "call.answered");
+                    // The answer time is billing data: store it now, not only at the end.
+                    match self.cdr.answer_ops(&self.store) {
+                        Ok(ops) => node.writer.write_detached(ops),
+                        Err(e) => tracing::error!(tenant = %self.tenant, "cannot seal the CDR of {}: {e}", self.cdr.id),
+                    }
                 }
                 CallOutput::Ended(info) => self.end = Some(info),
             }
@@ -221,7 +225,13 @@ impl Actor for Call {
         if let Some(t) = state.timer.take() {
             t.abort();
         }
-        state.shared.lock().release(&state.node);
+        let mut s = state.shared.lock();
+        if s.core.ended().is_none() {
+            // Stopped from outside (its tenant went down, shutdown): hang up both legs first.
+            s.core.hangup("the call was stopped", Instant::now());
+            s.drain(&state.node);
+        }
+        s.release(&state.node);
         Ok(())
     }
 }

@@ -64,6 +64,7 @@ pub struct TenantRoute {
 /// Edge identification of tenants: by SIP domain and by DID.
 #[derive(Default)]
 pub struct Routing {
+    pub by_id: HashMap<String, TenantRoute>,
     pub by_domain: HashMap<String, TenantRoute>,
     pub by_did: HashMap<String, TenantRoute>,
 }
@@ -176,6 +177,9 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
         writer,
     });
     let (sup, _) = Actor::spawn(Some("node".into()), NodeSupervisor, (node.clone(), tenants)).await?;
+    crate::console::admin::serve(node.clone(), crate::console::admin::socket_path(&node.config.node.data_dir))
+        .await
+        .map_err(|e| format!("cannot open the admin socket in {}: {e}", node.config.node.data_dir.display()))?;
     transports.start(node.clone());
     Ok((node, sup))
 }
@@ -268,6 +272,7 @@ async fn spawn_tenant(sup: &ActorRef<NodeMsg>, state: &mut TenantSupState, args:
     let route = TenantRoute { actor: tenant.clone(), pending: args.pending.clone() };
     state.children.insert(tenant.get_id(), args);
     let mut routing = state.node.routing.write();
+    routing.by_id.insert(cfg.id.clone(), route.clone());
     routing.by_domain.insert(cfg.domain.to_ascii_lowercase(), route.clone());
     for d in &cfg.dids {
         routing.by_did.insert(d.number.clone(), route.clone());
@@ -277,6 +282,7 @@ async fn spawn_tenant(sup: &ActorRef<NodeMsg>, state: &mut TenantSupState, args:
 
 fn unroute(node: &Node, cfg: &TenantConfig) {
     let mut routing = node.routing.write();
+    routing.by_id.remove(&cfg.id);
     routing.by_domain.remove(&cfg.domain.to_ascii_lowercase());
     for d in &cfg.dids {
         routing.by_did.remove(&d.number);

@@ -393,7 +393,7 @@ impl ScopedStore {
     fn seal(
         &self,
         ctx: SealContext<'_>,
-        what: &dyn std::fmt::Display,
+        what: &(dyn std::fmt::Display + Sync),
         plaintext: &[u8],
     ) -> Result<Vec<u8>, StoreError> {
         self.scope
@@ -411,7 +411,7 @@ impl ScopedStore {
     async fn open(
         &self,
         ctx: SealContext<'_>,
-        what: &dyn std::fmt::Display,
+        what: &(dyn std::fmt::Display + Sync),
         sealed: &[u8],
     ) -> Result<Vec<u8>, StoreError> {
         let err = |source| StoreError::Crypto {

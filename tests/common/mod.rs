@@ -131,6 +131,9 @@ pub struct NodeConfig {
     pub log_level: String,
     /// Extra lines for the `[sip]` section (e.g. a TLS listener).
     pub sip_extra: String,
+    /// Extra top-level lines for each demo tenant's file (plan, limits).
+    pub acme_extra: String,
+    pub globex_extra: String,
 }
 
 impl NodeConfig {
@@ -144,6 +147,8 @@ impl NodeConfig {
             trunk_outbound: SocketAddr::new(CARRIER, free_port(CARRIER)),
             log_level: "info".into(),
             sip_extra: String::new(),
+            acme_extra: String::new(),
+            globex_extra: String::new(),
         }
     }
 
@@ -185,10 +190,24 @@ outbound = "{out}"
         std::fs::create_dir_all(dir.join("tenants")).unwrap();
         std::fs::create_dir_all(dir.join("data")).unwrap();
         std::fs::write(dir.join("crossbar.toml"), node).unwrap();
-        std::fs::write(dir.join("tenants/acme.toml"), ACME_TOML).unwrap();
-        std::fs::write(dir.join("tenants/globex.toml"), GLOBEX_TOML).unwrap();
+        // Extras go first: top-level keys must precede the [[did]]/[[user]] tables.
+        std::fs::write(dir.join("tenants/acme.toml"), with_extra(ACME_TOML, &self.acme_extra)).unwrap();
+        std::fs::write(dir.join("tenants/globex.toml"), with_extra(GLOBEX_TOML, &self.globex_extra)).unwrap();
         dir.join("crossbar.toml")
     }
+}
+
+/// A tenant file with extra settings: they go before the first `[[did]]` (top-level
+/// keys must precede the array tables), and an extra `plan = ...` replaces the default one.
+fn with_extra(base: &str, extra: &str) -> String {
+    if extra.is_empty() {
+        return base.to_string();
+    }
+    let mut base = base.to_string();
+    if extra.lines().any(|l| l.trim_start().starts_with("plan")) {
+        base = base.lines().filter(|l| !l.trim_start().starts_with("plan")).collect::<Vec<_>>().join("\n") + "\n";
+    }
+    base.replacen("[[did]]", &format!("{extra}\n\n[[did]]"), 1)
 }
 
 const ACME_TOML: &str = r#"id = "acme"
@@ -279,55 +298,44 @@ pub struct Crossbar {
 impl Crossbar {
     pub fn start(config: NodeConfig) -> Crossbar {
         let dir = TempDir::new("node");
-        let file = config.write(&dir.path);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crossbar"))
-            .arg("run")
+        config.write(&dir.path);
+        let (child, stderr) = spawn_node(&dir.path.join("crossbar.toml"));
+        Crossbar { child, config, dir, stderr }
+    }
+
+    /// SIGKILL: the node gets no chance to write anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again on the same configuration and data directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let (child, stderr) = spawn_node(&self.dir.path.join("crossbar.toml"));
+        self.child = child;
+        self.stderr = stderr;
+    }
+
+    /// Runs `crossbar ARGS --config <this node's file>` (the admin commands) and
+    /// returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_crossbar"))
+            .args(args)
             .arg("--config")
-            .arg(&file)
+            .arg(self.dir.path.join("crossbar.toml"))
             .env("NO_COLOR", "1")
-            .env_remove("CROSSBAR_LOG")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the crossbar binary");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        {
-            let buf = stderr.clone();
-            let pipe = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    buf.lock().unwrap().push(strip_ansi(&line));
-                }
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        {
-            let pipe = child.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    if line.starts_with("crossbar ready") {
-                        let _ = tx.send(line);
-                    }
-                }
-            });
-        }
-        let mut cb = Crossbar { child, config, dir, stderr };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-                return cb;
-            }
-            if let Ok(Some(status)) = cb.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                panic!("crossbar exited before it was ready ({status}); stderr:\n{}", cb.stderr_tail(60));
-            }
-            if Instant::now() > deadline {
-                panic!("crossbar did not print `crossbar ready` within 20 s; stderr:\n{}", cb.stderr_tail(60));
-            }
-        }
+            .output()
+            .expect("run the crossbar command");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// `crossbar cdr list --tenant T --json`, parsed.
+    pub fn cdrs(&self, tenant: &str) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.cli(&["cdr", "list", "--tenant", tenant, "--json", "--limit", "10000"]);
+        assert!(ok, "cdr list failed: {err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap_or_else(|e| panic!("cdr list printed no JSON array ({e}): {out}"))
     }
 
     pub fn sip_addr(&self) -> SocketAddr {
@@ -413,6 +421,62 @@ impl Crossbar {
     /// Report for a failed assertion: crossbar's stderr tail.
     pub fn report(&self) -> String {
         format!("--- crossbar stderr (tail) ---\n{}\n---", self.stderr_tail(80))
+    }
+}
+
+/// Starts the binary on a config file and waits for `crossbar ready` (20 s).
+fn spawn_node(file: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crossbar"))
+        .arg("run")
+        .arg("--config")
+        .arg(file)
+        .env("NO_COLOR", "1")
+        .env_remove("CROSSBAR_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the crossbar binary");
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    {
+        let buf = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                buf.lock().unwrap().push(strip_ansi(&line));
+            }
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    {
+        let pipe = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("crossbar ready") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+    }
+    let tail = |stderr: &Arc<Mutex<Vec<String>>>| {
+        let l = stderr.lock().unwrap();
+        l[l.len().saturating_sub(60)..].join("\n")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+            return (child, stderr);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("crossbar exited before it was ready ({status}); stderr:\n{}", tail(&stderr));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("crossbar did not print `crossbar ready` within 20 s; stderr:\n{}", tail(&stderr));
+        }
     }
 }
 

@@ -1,0 +1,3 @@
+//! Administration: the local admin socket (the console over WebSocket comes later).
+
+pub mod admin;

@@ -1,0 +1,299 @@
+//! Tenant data and isolation proofs (issue 4), against a real node with real
+//! SIPp peers: CDRs survive kill -9, no tenant reads another's records, the
+//! embedded file holds no plaintext, one tenant's flood does not slow another,
+//! a tenant's crash does not touch another's calls, plan changes apply live.
+//! Each test prints what it tried and what it measured.
+
+mod common;
+
+use common::*;
+use std::collections::HashSet;
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+const ACME: &str = "acme.localhost";
+const GLOBEX: &str = "globex.localhost";
+const GLOBEX_DID: &str = "15550002000";
+
+/// Polls `f` every 100 ms until it returns Some or `timeout` passes.
+fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn carrier_call(cb: &Crossbar, scenario: &str, did: &str) -> Sipp {
+    Sipp::new(scenario, CARRIER, free_port(CARRIER))
+        .remote(cb.sipp_target())
+        .caller("15551230000", "127.0.0.2", "127.0.0.1", did)
+        .media(CARRIER, free_media_port(CARRIER))
+}
+
+fn state_of(c: &serde_json::Value) -> &str {
+    c["state"].as_str().unwrap_or("")
+}
+
+// 4. Durability ----------------------------------------------------------------
+
+#[test]
+fn kill_9_with_calls_in_progress_loses_no_cdr() {
+    let mut cb = Crossbar::start(NodeConfig::new());
+    let dir = TempDir::new("durability");
+    let uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 10, &[]);
+
+    // One call that completes normally.
+    let done = carrier_call(&cb, "uac_call.xml", ACME_DID).arg("-d").arg(200).run(&dir);
+    assert!(done.success(), "first call failed\n{}\n{}", done.report(), cb.report());
+    let completed = wait_for(Duration::from_secs(5), || {
+        let c = cb.cdrs("acme");
+        (c.len() == 1 && state_of(&c[0]) == "completed").then_some(c)
+    })
+    .unwrap_or_else(|| panic!("the first call's CDR is not completed: {:?}", cb.cdrs("acme")));
+
+    // Three calls held up, then the node is killed.
+    let _held = carrier_call(&cb, "uac_call.xml", ACME_DID).arg("-d").arg(60_000).arg("-l").arg(3).calls(3).timeout(Duration::from_secs(90)).spawn(&dir);
+    let in_progress = wait_for(Duration::from_secs(15), || {
+        let c = cb.cdrs("acme");
+        (c.iter().filter(|c| state_of(c) == "in-progress" && !c["answer"].is_null()).count() == 3).then_some(c)
+    })
+    .unwrap_or_else(|| panic!("three answered calls never showed up: {:?}\n{}", cb.cdrs("acme"), cb.report()));
+    println!("before kill -9: {} CDRs ({} completed, 3 answered and in progress)", in_progress.len(), completed.len());
+    cb.kill9();
+    drop(uas);
+
+    cb.restart();
+    let after = cb.cdrs("acme");
+    let ids: HashSet<&str> = after.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let interrupted = after.iter().filter(|c| state_of(c) == "interrupted").count();
+    let complete = after.iter().filter(|c| state_of(c) == "completed").count();
+    println!("after restart: {} CDRs, {} unique ids, {interrupted} interrupted, {complete} completed", after.len(), ids.len());
+    assert_eq!(after.len(), 4, "every call has exactly one CDR: {after:?}");
+    assert_eq!(ids.len(), 4, "no duplicates: {after:?}");
+    assert_eq!(interrupted, 3, "calls in progress are closed as interrupted: {after:?}");
+    assert_eq!(complete, 1);
+    for c in after.iter().filter(|c| state_of(c) == "interrupted") {
+        assert_eq!(c["disposition"], "interrupted");
+        assert!(c["end"].is_string() && c["answer"].is_string(), "{c}");
+    }
+    // Restarting again changes nothing (the markers are gone).
+    cb.restart();
+    assert_eq!(cb.cdrs("acme"), after, "a second restart must not touch closed CDRs");
+}
+
+// 1. Data isolation through the commands, and no plaintext at rest ---------------
+
+#[test]
+fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest() {
+    let cb = Crossbar::start(NodeConfig::new());
+    let dir = TempDir::new("isolation");
+    let uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 1, &[]);
+    let call = carrier_call(&cb, "uac_call.xml", ACME_DID).arg("-d").arg(200).run(&dir);
+    assert!(call.success(), "{}\n{}", call.report(), cb.report());
+    let _ = uas.wait();
+    let acme = wait_for(Duration::from_secs(5), || {
+        let c = cb.cdrs("acme");
+        (c.len() == 1 && state_of(&c[0]) == "completed").then_some(c)
+    })
+    .expect("acme's CDR");
+    let acme_id = acme[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(acme[0]["from"], "15551230000");
+    assert_eq!(acme[0]["did"], ACME_DID);
+
+    let mut attempts = 0;
+    let mut succeeded = Vec::new();
+    // globex's views contain nothing of acme's.
+    attempts += 1;
+    let globex = cb.cdrs("globex");
+    if globex.iter().any(|c| c["id"] == acme_id.as_str() || c["tenant"] == "acme") {
+        succeeded.push("globex's CDR list shows acme's call");
+    }
+    attempts += 1;
+    let (_, events, _) = cb.cli(&["events", "list", "--tenant", "globex", "--limit", "1000"]);
+    if events.contains(&acme_id) {
+        succeeded.push("globex's event stream shows acme's call");
+    }
+    // acme's record ids under globex's scope.
+    for args in [
+        vec!["recording", "get", "--tenant", "globex", acme_id.as_str(), "--out", "/dev/null"],
+        vec!["recording", "get", "--tenant", "globex", "../acme/cdr/x", "--out", "/dev/null"],
+        vec!["cdr", "list", "--tenant", "acme/../globex", "--json"],
+        vec!["cdr", "list", "--tenant", "nosuchtenant", "--json"],
+    ] {
+        attempts += 1;
+        let (ok, out, err) = cb.cli(&args);
+        if ok && out.contains(&acme_id) {
+            succeeded.push("a command read acme's record through another scope");
+        }
+        assert!(!ok || !out.contains("15551230000"), "{args:?} → {out} {err}");
+    }
+    // acme's events do have the call (the positive control).
+    let (_, acme_events, _) = cb.cli(&["events", "list", "--tenant", "acme", "--limit", "1000"]);
+    assert!(acme_events.contains("call.started") && acme_events.contains(&acme_id), "{acme_events}");
+    println!("cross-tenant command attempts: {attempts}, succeeded: {}", succeeded.len());
+    assert!(succeeded.is_empty(), "{succeeded:?}");
+
+    // The embedded file holds no phone number, DID or SIP password of any tenant.
+    let db = std::fs::read(cb.dir.join("data/crossbar.redb")).expect("the embedded store file");
+    let mut found = Vec::new();
+    for needle in ["15550001000", "15550002000", "15551230000", "acme1001pw", "acme1002pw", "globex2001pw"] {
+        if db.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            found.push(needle);
+        }
+    }
+    println!("searched {} bytes of crossbar.redb for 6 secrets/numbers: found {found:?}", db.len());
+    assert!(found.is_empty(), "plaintext at rest: {found:?}");
+    // Control: the file does contain the (public) record id, so the search works.
+    assert!(db.windows(acme_id.len()).any(|w| w == acme_id.as_bytes()), "control: the record id should be findable");
+}
+
+// 2. Load isolation ----------------------------------------------------------------
+
+/// (answered, refused, mean setup ms) from a uac_probe.xml log.
+fn probe_results(log: &str) -> (usize, usize, f64) {
+    let mut t0 = std::collections::HashMap::new();
+    let (mut answered, mut refused, mut setup) = (0, 0, Vec::new());
+    for l in log.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            ["T0", call, t, ..] => {
+                t0.insert(call.to_string(), t.parse::<f64>().unwrap_or(0.0));
+            }
+            ["ANSWERED", call, t, ..] => {
+                answered += 1;
+                if let Some(s) = t0.get(*call) {
+                    setup.push(t.parse::<f64>().unwrap_or(0.0) - s);
+                }
+            }
+            ["REFUSED", ..] => refused += 1,
+            _ => {}
+        }
+    }
+    let mean = if setup.is_empty() { f64::NAN } else { setup.iter().sum::<f64>() / setup.len() as f64 };
+    (answered, refused, mean)
+}
+
+#[test]
+fn a_flooded_tenant_does_not_slow_down_another() {
+    let mut cfg = NodeConfig::new();
+    cfg.log_level = "warn".into();
+    cfg.acme_extra = "[limits]\ncalls_per_second = 10".into();
+    cfg.globex_extra = "plan = \"starter\"".into();
+    let cb = Crossbar::start(cfg);
+    let dir = TempDir::new("load");
+    let _acme_uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 100_000, &["-l", "1000"]);
+    let _globex_uas = registered_uas(&cb, &dir, "uas_answer.xml", "2001", GLOBEX, "globex2001pw", 100_000, &["-l", "1000"]);
+    let steady = |cb: &Crossbar, dir: &TempDir| {
+        carrier_call(cb, "uac_probe.xml", GLOBEX_DID).arg("-r").arg(4).arg("-l").arg(100).calls(40).timeout(Duration::from_secs(40)).spawn(dir)
+    };
+
+    // Baseline: globex alone.
+    let base = steady(&cb, &dir).wait();
+    let (b_ok, b_refused, b_setup) = probe_results(&base.log);
+    println!("globex alone: {b_ok}/40 answered, {b_refused} refused, mean setup {b_setup:.1} ms");
+    assert_eq!((b_ok, b_refused), (40, 0), "{}\n{}", base.report(), cb.report());
+
+    // acme flooded at 10x its 10 calls/s limit while globex goes on.
+    let flood = carrier_call(&cb, "uac_probe.xml", ACME_DID).arg("-r").arg(100).arg("-l").arg(2000).calls(1000).timeout(Duration::from_secs(60)).spawn(&dir);
+    let during = steady(&cb, &dir).wait();
+    let flood = flood.wait();
+    let (g_ok, g_refused, g_setup) = probe_results(&during.log);
+    let (a_ok, a_refused, _) = probe_results(&flood.log);
+    println!("acme flood: 1000 calls at 100/s against a 10/s limit: {a_ok} answered, {a_refused} refused with 503");
+    println!("globex during the flood: {g_ok}/40 answered, {g_refused} refused, mean setup {g_setup:.1} ms (alone: {b_setup:.1} ms)");
+    assert_eq!((g_ok, g_refused), (40, 0), "globex must keep a 100% success rate\n{}\n{}", during.report(), cb.report());
+    assert!(a_refused >= 700, "acme's excess must be refused: {a_refused} refused\n{}", flood.report());
+    assert!(a_ok >= 50 && a_ok <= 250, "acme still gets about its limit: {a_ok} answered in ~10 s");
+    assert!(flood.log.contains("tenant call rate limit"), "the 503 names the limit in its Reason");
+}
+
+// 3. Faults ----------------------------------------------------------------------
+
+/// Sends a REGISTER without credentials and returns the status, if any.
+fn register_probe(cb: &Crossbar, domain: &str, fault: bool, seq: u32) -> Option<u16> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let local = sock.local_addr().unwrap();
+    let extra = if fault { "X-Crossbar-Fault: panic-tenant\r\n" } else { "" };
+    let msg = format!(
+        "REGISTER sip:{domain} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKprobe{seq}\r\nMax-Forwards: 70\r\nFrom: <sip:1001@{domain}>;tag=p{seq}\r\nTo: <sip:1001@{domain}>\r\nCall-ID: probe-{seq}-{}\r\nCSeq: 1 REGISTER\r\nContact: <sip:1001@{local}>\r\n{extra}Content-Length: 0\r\n\r\n",
+        std::process::id()
+    );
+    sock.send_to(msg.as_bytes(), cb.sip_addr()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    status_code(&buf[..n])
+}
+
+#[test]
+fn a_crashing_tenant_is_restarted_and_other_tenants_calls_survive() {
+    let cb = Crossbar::start(NodeConfig::new());
+    let dir = TempDir::new("faults");
+    let globex_uas = registered_uas(&cb, &dir, "uas_answer.xml", "2001", GLOBEX, "globex2001pw", 1, &[]);
+    let acme_uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 10, &[]);
+    // A globex call with RTP, held 6 s.
+    let globex_call = carrier_call(&cb, "uac_call.xml", GLOBEX_DID).arg("-d").arg(6000).spawn(&dir);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Panic in acme's Tenant actor.
+    let crashed_at = Instant::now();
+    register_probe(&cb, ACME, true, 1);
+    // acme answers again: first any response from its tenant actor, then a whole call.
+    let back = wait_for(Duration::from_secs(5), || register_probe(&cb, ACME, false, 2).filter(|c| *c == 401).map(|_| crashed_at.elapsed()));
+    let back = back.unwrap_or_else(|| panic!("acme did not come back\n{}", cb.report()));
+    let call = carrier_call(&cb, "uac_probe.xml", ACME_DID).run(&dir);
+    let (answered, _, _) = probe_results(&call.log);
+    let call_ok_after = crashed_at.elapsed();
+    println!("acme's tenant actor panicked: answering again after {} ms, a full call answered {} ms after the panic", back.as_millis(), call_ok_after.as_millis());
+    assert!(cb.report().contains("tenant actor failed"), "the supervisor saw the failure\n{}", cb.report());
+    assert_eq!(answered, 1, "acme accepts calls again (registrations survive the restart)\n{}\n{}", call.report(), cb.report());
+    assert!(back < Duration::from_secs(1), "acme must accept again within 1 s, took {back:?}");
+
+    // The globex call went on with media flowing, and ended normally.
+    let globex_call = globex_call.wait();
+    assert!(globex_call.success(), "globex's call did not survive\n{}\n{}", globex_call.report(), cb.report());
+    let ended = cb.wait_calls_ended(2, Duration::from_secs(10));
+    let g = ended.iter().find(|c| c.get("tenant") == Some("globex")).unwrap_or_else(|| panic!("no globex call ended\n{}", cb.report()));
+    println!("globex call across acme's crash: {}", g.line);
+    assert_eq!(g.get("disposition"), Some("answered"));
+    assert!(g.num("a_to_b_packets") >= 150 && g.num("b_to_a_packets") >= 150, "media kept flowing: {}", g.line);
+    drop((globex_uas, acme_uas));
+}
+
+// Plans -----------------------------------------------------------------------------
+
+#[test]
+fn plan_change_applies_to_the_next_call_without_restart() {
+    let mut cfg = NodeConfig::new();
+    cfg.acme_extra = "plan = \"starter\"\n[limits]\nmax_calls = 1".into();
+    let cb = Crossbar::start(cfg);
+    let dir = TempDir::new("plan");
+    let _uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 10, &[]);
+    // One call held: the second is over the limit of 1.
+    let _held = carrier_call(&cb, "uac_call.xml", ACME_DID).arg("-d").arg(8000).timeout(Duration::from_secs(30)).spawn(&dir);
+    wait_for(Duration::from_secs(10), || cb.cdrs("acme").iter().any(|c| !c["answer"].is_null()).then_some(())).expect("first call answered");
+    let second = carrier_call(&cb, "uac_probe.xml", ACME_DID).run(&dir);
+    let (ok, refused, _) = probe_results(&second.log);
+    println!("starter with max_calls = 1, one call up: second call answered={ok} refused={refused}");
+    assert_eq!((ok, refused), (0, 1), "{}", second.report());
+    assert!(second.log.contains("concurrent call limit"), "{}", second.log);
+
+    // Upgrade to pro (its own defaults, no override): next call goes through.
+    let (ok_cli, out, err) = cb.cli(&["tenant", "set-plan", "--tenant", "acme", "pro"]);
+    assert!(ok_cli, "set-plan failed: {out} {err}");
+    assert!(out.contains("\"max_calls\": 200"), "{out}");
+    let third = carrier_call(&cb, "uac_probe.xml", ACME_DID).run(&dir);
+    let (ok, refused, _) = probe_results(&third.log);
+    println!("after set-plan pro: third call answered={ok} refused={refused}");
+    assert_eq!((ok, refused), (1, 0), "{}\n{}", third.report(), cb.report());
+
+    // A plan that lacks a feature the tenant uses is refused with a stable code.
+    let (ok_cli, _, err) = cb.cli(&["tenant", "set-plan", "--tenant", "acme", "gold"]);
+    assert!(!ok_cli && err.contains("invalid_plan"), "{err}");
+}
