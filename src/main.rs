@@ -10,6 +10,9 @@ const USAGE: &str = "usage:
   crossbar cdr list --tenant ID [--json] [--limit N] a tenant's call records, oldest first
   crossbar events list --tenant ID [--limit N]       a tenant's event stream (JSON lines)
   crossbar recording get --tenant ID CDR_ID --out FILE   a call's recording (WAV)
+  crossbar keys rotate --tenant ID                    new data key for the tenant's new writes
+  crossbar keys rewrap                               new master key: re-wraps every tenant key (node stopped)
+  crossbar tenant delete --tenant ID                 crypto-shreds a tenant: keys destroyed, records deleted (node stopped)
   crossbar tenant set-plan --tenant ID PLAN          starter | pro | enterprise with the plan's own limits
                                                      (per-tenant overrides cleared), effective on the next call
 Commands other than run talk to the running node through <data_dir>/admin.sock,
@@ -74,7 +77,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["run"] => run(config),
-        ["cdr", "list"] | ["events", "list"] | ["recording", "get", _] | ["tenant", "set-plan", _] => admin_command(config, &pos, &o),
+        ["cdr", "list"] | ["events", "list"] | ["recording", "get", _] | ["tenant", "set-plan", _] | ["keys", "rotate"] | ["tenant", "delete"] => admin_command(config, &pos, &o),
+        ["keys", "rewrap"] => rewrap(config),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -101,6 +105,8 @@ fn admin_command(config: Config, pos: &[&str], o: &Opts) -> ExitCode {
             Request::RecordingGet { tenant, id: id.to_string() }
         }
         ["tenant", "set-plan", plan] => Request::SetPlan { tenant, plan: plan.to_string(), limits: Some(Default::default()) },
+        ["keys", "rotate"] => Request::KeysRotate { tenant },
+        ["tenant", "delete"] => Request::TenantDelete { tenant },
         _ => unreachable!("main only dispatches the commands matched above"),
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -201,6 +207,55 @@ fn run(config: Config) -> ExitCode {
         eprintln!("crossbar: shutting down");
         ExitCode::SUCCESS
     })
+}
+
+/// Replaces the master key: a new key is generated, every tenant's data key is
+/// re-wrapped under it, and the key file is swapped. The node must be stopped
+/// (the embedded store is locked while it runs).
+fn rewrap(config: Config) -> ExitCode {
+    use crossbar::crypto::MasterKey;
+    if std::env::var_os("CROSSBAR_MASTER_KEY").is_some() {
+        eprintln!("crossbar: the master key comes from CROSSBAR_MASTER_KEY; rewrap works on the key file (unset it, or rewrap on a node that uses a file)");
+        return ExitCode::FAILURE;
+    }
+    let current = config.store.master_key_file.clone();
+    let with_suffix = |s: &str| {
+        let mut p = current.clone().into_os_string();
+        p.push(s);
+        PathBuf::from(p)
+    };
+    let (fresh, retired) = (with_suffix(".new"), with_suffix(".retired"));
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crossbar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<u64, String> = rt.block_on(async {
+        if tokio::net::UnixStream::connect(crossbar::console::admin::socket_path(&config.node.data_dir)).await.is_ok() {
+            return Err("a node is running on this data directory: stop it first".into());
+        }
+        let vault = crossbar::actors::node::open_vault(&config).await.map_err(|e| e.to_string())?;
+        // Written (0600) before anything is re-wrapped, so a crash in between loses nothing.
+        let (new_key, _) = MasterKey::load_or_generate(&fresh).map_err(|e| e.to_string())?;
+        vault.rewrap(new_key).await.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(n) => {
+            if let Err(e) = std::fs::rename(&current, &retired).and_then(|_| std::fs::rename(&fresh, &current)) {
+                eprintln!("crossbar: re-wrapped {n} keys under {}, but could not move it into place: {e}; move it over {} by hand", fresh.display(), current.display());
+                return ExitCode::FAILURE;
+            }
+            println!("re-wrapped {n} tenant data keys under a new master key, now in {}.", current.display());
+            println!("the old key is in {}: back up the new key, then delete the old one.", retired.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crossbar: rewrap failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn summary(c: &Config) -> String {

@@ -297,3 +297,45 @@ fn plan_change_applies_to_the_next_call_without_restart() {
     let (ok_cli, _, err) = cb.cli(&["tenant", "set-plan", "--tenant", "acme", "gold"]);
     assert!(!ok_cli && err.contains("invalid_plan"), "{err}");
 }
+
+// Keys ------------------------------------------------------------------------------
+
+#[test]
+fn key_rotation_rewrap_and_tenant_deletion_through_the_commands() {
+    let mut cb = Crossbar::start(NodeConfig::new());
+    let dir = TempDir::new("keys");
+    let _uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 10, &[]);
+    let call = |cb: &Crossbar| {
+        let out = carrier_call(cb, "uac_probe.xml", ACME_DID).run(&dir);
+        assert_eq!(probe_results(&out.log).0, 1, "{}\n{}", out.report(), cb.report());
+    };
+    call(&cb);
+    let (ok, out, err) = cb.cli(&["keys", "rotate", "--tenant", "acme"]);
+    assert!(ok && out.contains("\"current_key_id\""), "{out} {err}");
+    call(&cb);
+    let before = wait_for(Duration::from_secs(5), || {
+        let c = cb.cdrs("acme");
+        (c.len() == 2 && c.iter().all(|c| state_of(c) == "completed")).then_some(c)
+    })
+    .expect("two completed CDRs, one under each data key");
+
+    // New master key: the node is stopped, every tenant key re-wrapped, the file swapped.
+    let key_file = cb.dir.join("data/master.key");
+    let old_key = std::fs::read(&key_file).unwrap();
+    cb.kill9();
+    let (ok, out, err) = cb.cli(&["keys", "rewrap"]);
+    println!("keys rewrap: {out}{err}");
+    assert!(ok, "{out} {err}");
+    assert_ne!(std::fs::read(&key_file).unwrap(), old_key, "the master key file holds the new key");
+    cb.restart();
+    assert_eq!(cb.cdrs("acme"), before, "every record opens under the new master key");
+    assert!(!cb.cdrs("globex").iter().any(|c| c["tenant"] == "acme"));
+
+    // Deleting a tenant destroys its keys: its records are gone for good.
+    cb.kill9();
+    let (ok, out, err) = cb.cli(&["tenant", "delete", "--tenant", "acme"]);
+    println!("tenant delete: {out}{err}");
+    assert!(ok && out.contains("\"keys_destroyed\": 2"), "{out} {err}");
+    let (ok, _, err) = cb.cli(&["cdr", "list", "--tenant", "acme", "--json"]);
+    assert!(!ok && err.contains("unknown_tenant"), "acme's records are unreadable after deletion: {err}");
+}

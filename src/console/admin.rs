@@ -35,6 +35,12 @@ pub enum Request {
     RecordingGet { tenant: String, id: String },
     #[serde(rename = "tenant.set_plan")]
     SetPlan { tenant: String, plan: String, #[serde(default)] limits: Option<LimitOverrides> },
+    /// New data key for the tenant's new writes; older data stays readable.
+    #[serde(rename = "keys.rotate")]
+    KeysRotate { tenant: String },
+    /// Destroys the tenant's keys (crypto-shredding) and deletes its records. Offline only.
+    #[serde(rename = "tenant.delete")]
+    TenantDelete { tenant: String },
 }
 
 fn default_limit() -> usize {
@@ -93,6 +99,17 @@ pub async fn execute(vault: &Vault, node: Option<&Arc<Node>>, req: Request) -> R
                 Some(wav) => Ok(json!({"id": id, "wav_base64": base64::engine::general_purpose::STANDARD.encode(wav)})),
                 None => Err(AdminError::new("not_found", format!("tenant {tenant} has no recording {id}"))),
             }
+        }
+        Request::KeysRotate { tenant } => {
+            let id = vault.rotate_tenant_key(&tenant_id(&tenant)?).await?;
+            Ok(json!({"tenant": tenant, "current_key_id": id.to_string()}))
+        }
+        Request::TenantDelete { tenant } => {
+            if node.is_some() {
+                return Err(AdminError::new("node_running", "stop the node before deleting a tenant (its actor still holds the tenant)"));
+            }
+            let d = vault.delete_tenant(&tenant_id(&tenant)?).await?;
+            Ok(json!({"tenant": tenant, "keys_destroyed": d.keys_destroyed, "records_deleted": d.records_deleted}))
         }
         Request::SetPlan { tenant, plan, limits } => {
             let plan = Plan::parse(&plan).ok_or_else(|| AdminError::new("invalid_plan", format!("unknown plan {plan:?}: use starter, pro or enterprise")))?;
