@@ -289,7 +289,7 @@ impl TenantConfig {
         if self.recording != RecordingPolicy::None && !l.recording {
             return Err(("recording".into(), format!("plan {} does not include call recording", self.plan.as_str()), "set recording = \"none\" or upgrade to pro/enterprise".into()));
         }
-        if !(l.calls_per_second > 0.0) || l.max_calls == 0 {
+        if l.calls_per_second.is_nan() || l.calls_per_second <= 0.0 || l.max_calls == 0 {
             return Err(("limits".into(), "calls_per_second and max_calls must be > 0".into(), "use positive limits".into()));
         }
         Ok(())
@@ -444,7 +444,7 @@ impl Config {
         if m.public_ip.is_unspecified() {
             return Err(ConfigError::new(f, "media.public_ip", "0.0.0.0 cannot be advertised in SDP", "set the address the parties can send RTP to"));
         }
-        if m.rtp_port_min % 2 != 0 || m.rtp_port_min < 1024 || m.rtp_port_max < m.rtp_port_min.saturating_add(3) {
+        if !m.rtp_port_min.is_multiple_of(2) || m.rtp_port_min < 1024 || m.rtp_port_max < m.rtp_port_min.saturating_add(3) {
             return Err(ConfigError::new(
                 f,
                 "media.rtp_port_min",

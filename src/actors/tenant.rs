@@ -368,7 +368,7 @@ impl TenantState {
             b_sent_by: node.sent_by(b_peer.proto),
             media_a: media.local_rtp(crate::media::Side::A),
             media_b: media.local_rtp(crate::media::Side::B),
-            timers: node.timers.clone(),
+            timers: node.timers,
             ring_timeout: Duration::from_secs(node.config.sip.ring_timeout_s),
             server_name: node.advertised_ip.to_string(),
         };

@@ -279,7 +279,7 @@ impl B2bua {
 
         let mut call = B2bua {
             setup_server: setup.server_name.clone(),
-            timers: setup.timers.clone(),
+            timers: setup.timers,
             state: State::Calling,
             a,
             b,
@@ -462,7 +462,7 @@ impl B2bua {
         let mut tx = ServerTx::new(req.clone(), self.leg(side).peer.proto.reliable(), &self.timers, now);
         match req.method {
             Method::Bye => {
-                if !in_dialog && !(side == Side::B && self.b_answered) {
+                if !(in_dialog || (side == Side::B && self.b_answered)) {
                     let r = msg::refusal(&req, 481, None, &self.setup_server, "no such dialog (not answered yet)");
                     tx.respond(r, now);
                     self.servers.push(Server { id, side, tx, answered: true });
@@ -536,7 +536,7 @@ impl B2bua {
                 extra.push((leak_name(name), v.to_string()));
             }
         }
-        let method = req.method.clone();
+        let method = req.method;
         let leg = self.leg(to);
         let out_req = match passthrough_body {
             Some(b) => leg.request(method, None, extra).map(|mut r| {

@@ -182,10 +182,8 @@ fn check_framing(bytes: &[u8], proto: super::msg::Proto) -> Result<(), MessageEr
         if uri.contains(['<', '>', '"']) {
             return Err(MessageError::RequestLine("the Request-URI must not be enclosed in <> or contain quotes"));
         }
-        if uri.starts_with("sip:") || uri.starts_with("sips:") {
-            if uri.contains('?') {
-                return Err(MessageError::RequestLine("a SIP Request-URI must not carry headers (?...)"));
-            }
+        if (uri.starts_with("sip:") || uri.starts_with("sips:")) && uri.contains('?') {
+            return Err(MessageError::RequestLine("a SIP Request-URI must not carry headers (?...)"));
         }
         if !parts[2].eq_ignore_ascii_case("SIP/2.0") {
             return Err(MessageError::Version(parts[2].to_string()));

@@ -36,6 +36,7 @@ pub struct ExpiryLimits {
 impl Registrar {
     /// Applies an authenticated REGISTER for `user`; returns the response to send
     /// (200 listing the current bindings, 423 when expiry is too short, 400 on bad Contact).
+    #[allow(clippy::too_many_arguments)] // the request, its tenant context and the clock
     pub fn register(&mut self, req: &Incoming, r: &rsipstack::sip::Request, user: &str, limits: ExpiryLimits, to_tag: &str, host: &str, now: Instant) -> Response {
         let default_expires = msg::header(&r.headers, "Expires").and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(3600);
         let contacts = msg::header_values(&r.headers, "Contact");
@@ -106,7 +107,7 @@ impl Registrar {
     /// Live contacts of a user, most recent registration first.
     pub fn lookup(&self, user: &str, now: Instant) -> Vec<&Binding> {
         let mut v: Vec<&Binding> = self.bindings.get(user).map(|l| l.iter().filter(|b| b.expires_at > now).collect()).unwrap_or_default();
-        v.sort_by(|a, b| b.registered_at.cmp(&a.registered_at));
+        v.sort_by_key(|b| std::cmp::Reverse(b.registered_at));
         v
     }
 

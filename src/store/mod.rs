@@ -405,6 +405,14 @@ impl fmt::Display for NodeKey {
     }
 }
 
+/// One write of a batch (see [`Store::write_batch`]); values are already sealed.
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    Put(StoreKey, Vec<u8>),
+    Delete(StoreKey),
+    Event(TenantId, Vec<u8>),
+}
+
 /// A storage backend. Moves opaque bytes; tenant values reaching it are already sealed by
 /// [`ScopedStore`]. Application code should not call the tenant methods directly.
 ///
@@ -415,14 +423,6 @@ impl fmt::Display for NodeKey {
 /// * events get strictly increasing sequence numbers per tenant, starting at 1.
 /// * `delete_tenant` removes every record and event of that tenant and nothing else; it does
 ///   not touch node-level records (the [`Vault`] shreds keys separately, before calling it).
-/// One write of a batch (see [`Store::write_batch`]); values are already sealed.
-#[derive(Debug, Clone)]
-pub enum BatchOp {
-    Put(StoreKey, Vec<u8>),
-    Delete(StoreKey),
-    Event(TenantId, Vec<u8>),
-}
-
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Short backend name for logs ("embedded", "redis").

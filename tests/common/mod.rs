@@ -778,6 +778,7 @@ pub fn register_from(cb: &Crossbar, dir: &TempDir, ip: IpAddr, port: u16, user: 
 
 /// Registers extension `user` of `domain` and starts the SIPp UAS `scenario`
 /// on the registered address with an RTP echo on its own media port.
+#[allow(clippy::too_many_arguments)]
 pub fn registered_uas(cb: &Crossbar, dir: &TempDir, scenario: &str, user: &str, domain: &str, password: &str, calls: u32, extra: &[&str]) -> SippProcess {
     let port = free_port(LOCALHOST);
     register_from(cb, dir, LOCALHOST, port, user, domain, password);

@@ -82,13 +82,13 @@ impl Harness {
         }
     }
 
-    fn from_a(&mut self, text: &str) {
+    fn recv_a(&mut self, text: &str) {
         let m = incoming(text, a_peer());
         self.call.handle_message(Side::A, m, self.now);
         self.drain();
     }
 
-    fn from_b(&mut self, text: &str) {
+    fn recv_b(&mut self, text: &str) {
         let m = incoming(text, b_peer());
         self.call.handle_message(Side::B, m, self.now);
         self.drain();
@@ -120,8 +120,8 @@ impl Harness {
     fn established() -> Harness {
         let mut h = Harness::new();
         let inv = h.last_b_request("INVITE");
-        h.from_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
-        h.from_a(&a_request("ACK", 1, "z9hG4bKack", Some(&a_tag(&h)), ""));
+        h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+        h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&a_tag(&h)), ""));
         h
     }
 }
@@ -141,9 +141,9 @@ fn invite_is_relayed_with_anchored_sdp_and_answer_reaches_caller() {
     assert!(inv.contains("c=IN IP4 192.0.2.1") && inv.contains("m=audio 20002 "), "offer to B points at crossbar: {inv}");
     assert_eq!(h.media, vec![(Side::A, "10.0.0.1:4000".parse().unwrap())]);
 
-    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
     assert!(h.to_a.last().unwrap().starts_with("SIP/2.0 180"));
-    h.from_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
     let ok = h.to_a.last().unwrap();
     assert!(ok.starts_with("SIP/2.0 200") && ok.contains("m=audio 20000 ") && ok.contains("c=IN IP4 192.0.2.1"), "{ok}");
     assert!(h.to_b.last().unwrap().starts_with("ACK sip:callee@10.0.0.2:5060"), "crossbar ACKs B's 2xx to its Contact");
@@ -161,7 +161,7 @@ fn lost_invite_to_callee_is_retransmitted() {
     h.advance(Duration::from_millis(1000));
     assert_eq!(Harness::count(&h.to_b, "INVITE"), 3);
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
     h.advance(Duration::from_secs(10));
     assert_eq!(Harness::count(&h.to_b, "INVITE"), 3, "a provisional stops retransmission");
 }
@@ -169,7 +169,7 @@ fn lost_invite_to_callee_is_retransmitted() {
 #[test]
 fn caller_invite_retransmission_is_absorbed() {
     let mut h = Harness::new();
-    h.from_a(&a_request("INVITE", 1, "z9hG4bKinv", None, T0_SDP));
+    h.recv_a(&a_request("INVITE", 1, "z9hG4bKinv", None, T0_SDP));
     assert_eq!(Harness::count(&h.to_a, "SIP/2.0 100"), 2, "100 re-sent");
     assert_eq!(Harness::count(&h.to_b, "INVITE"), 1, "no second call towards B");
 }
@@ -178,14 +178,14 @@ fn caller_invite_retransmission_is_absorbed() {
 fn lost_200_is_retransmitted_to_caller_until_ack() {
     let mut h = Harness::new();
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
     assert_eq!(Harness::count(&h.to_a, "SIP/2.0 200"), 1);
     h.advance(Duration::from_millis(510));
     assert_eq!(Harness::count(&h.to_a, "SIP/2.0 200"), 2, "2xx re-sent at T1");
     h.advance(Duration::from_millis(1010));
     assert_eq!(Harness::count(&h.to_a, "SIP/2.0 200"), 3, "then at 2*T1");
     let tag = a_tag(&h);
-    h.from_a(&a_request("ACK", 1, "z9hG4bKack", Some(&tag), ""));
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&tag), ""));
     h.advance(Duration::from_secs(20));
     assert_eq!(Harness::count(&h.to_a, "SIP/2.0 200"), 3, "ACK stops retransmission");
     assert!(h.ended.is_empty(), "the call is up");
@@ -195,7 +195,7 @@ fn lost_200_is_retransmitted_to_caller_until_ack() {
 fn unacked_200_tears_the_call_down() {
     let mut h = Harness::new();
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
     h.advance(Duration::from_secs(40));
     let byes: std::collections::HashSet<&str> = h.to_b.iter().filter(|m| m.starts_with("BYE")).filter_map(|m| m.lines().find(|l| l.starts_with("Via:"))).collect();
     assert_eq!(byes.len(), 1, "callee hung up (one BYE transaction) when the caller never ACKs");
@@ -206,14 +206,14 @@ fn unacked_200_tears_the_call_down() {
 fn bye_from_caller_ends_both_legs() {
     let mut h = Harness::established();
     let tag = a_tag(&h);
-    h.from_a(&a_request("BYE", 2, "z9hG4bKbye", Some(&tag), ""));
+    h.recv_a(&a_request("BYE", 2, "z9hG4bKbye", Some(&tag), ""));
     assert!(h.to_a.last().unwrap().starts_with("SIP/2.0 200"));
     let bye = h.last_b_request("BYE");
     assert!(bye.contains("Call-ID: call-b") && bye.contains("tag=btag"));
     assert_eq!(h.ended[0].hangup_side, Some(Side::A));
     assert_eq!(h.ended[0].disposition, Disposition::Answered);
     assert!(!h.call.is_finished(), "waits for B's answer to the BYE");
-    h.from_b(&b_response(bye.as_bytes(), 200, "btag", ""));
+    h.recv_b(&b_response(bye.as_bytes(), 200, "btag", ""));
     assert!(h.call.is_finished());
 }
 
@@ -225,7 +225,7 @@ fn bye_from_callee_reaches_caller() {
         "BYE sip:crossbar@192.0.2.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKbbye\r\nMax-Forwards: 70\r\nFrom: <sip:1001@acme.localhost>;tag=btag\r\nTo: {}\r\nCall-ID: call-b\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
         inv.lines().find(|l| l.starts_with("From:")).unwrap().trim_start_matches("From: ")
     );
-    h.from_b(&bye);
+    h.recv_b(&bye);
     assert!(h.to_b.last().unwrap().starts_with("SIP/2.0 200"));
     let to_a = h.to_a.last().unwrap();
     assert!(to_a.starts_with("BYE sip:caller@10.0.0.1:5060"), "BYE goes to the caller's Contact: {to_a}");
@@ -237,7 +237,7 @@ fn bye_from_callee_reaches_caller() {
 fn bye_glare_sends_one_bye_each_way_at_most() {
     let mut h = Harness::established();
     let tag = a_tag(&h);
-    h.from_a(&a_request("BYE", 2, "z9hG4bKbye", Some(&tag), ""));
+    h.recv_a(&a_request("BYE", 2, "z9hG4bKbye", Some(&tag), ""));
     let our_bye = h.last_b_request("BYE");
     // B's own BYE crosses ours.
     let inv = h.last_b_request("INVITE");
@@ -245,11 +245,11 @@ fn bye_glare_sends_one_bye_each_way_at_most() {
         "BYE sip:crossbar@192.0.2.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKglare\r\nMax-Forwards: 70\r\nFrom: <sip:1001@acme.localhost>;tag=btag\r\nTo: {}\r\nCall-ID: call-b\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
         inv.lines().find(|l| l.starts_with("From:")).unwrap().trim_start_matches("From: ")
     );
-    h.from_b(&bye);
+    h.recv_b(&bye);
     assert!(h.to_b.last().unwrap().starts_with("SIP/2.0 200"), "B's BYE is answered");
     assert_eq!(Harness::count(&h.to_a, "BYE"), 0, "no BYE to a caller who already hung up");
     assert_eq!(Harness::count(&h.to_b, "BYE"), 1);
-    h.from_b(&b_response(our_bye.as_bytes(), 481, "btag", ""));
+    h.recv_b(&b_response(our_bye.as_bytes(), 481, "btag", ""));
     assert!(h.call.is_finished());
     assert_eq!(h.ended.len(), 1);
 }
@@ -258,14 +258,14 @@ fn bye_glare_sends_one_bye_each_way_at_most() {
 fn cancel_racing_200_hangs_up_the_callee() {
     let mut h = Harness::new();
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
     let cancel = a_request("CANCEL", 1, "z9hG4bKinv", None, "");
-    h.from_a(&cancel);
+    h.recv_a(&cancel);
     assert!(h.to_a.iter().any(|m| m.starts_with("SIP/2.0 200") && m.contains("CSeq: 1 CANCEL")));
     assert!(h.to_a.iter().any(|m| m.starts_with("SIP/2.0 487")));
     assert_eq!(Harness::count(&h.to_b, "CANCEL"), 1);
     // B had already answered: its 200 crosses our CANCEL.
-    h.from_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
     assert!(h.to_b.iter().any(|m| m.starts_with("ACK")), "the 2xx is ACKed");
     assert_eq!(Harness::count(&h.to_b, "BYE"), 1, "and the callee hung up");
     assert!(!h.to_a.iter().any(|m| m.starts_with("SIP/2.0 200") && m.contains("CSeq: 1 INVITE")), "the caller never sees a 200");
@@ -275,11 +275,11 @@ fn cancel_racing_200_hangs_up_the_callee() {
 #[test]
 fn cancel_before_provisional_waits_for_it() {
     let mut h = Harness::new();
-    h.from_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
+    h.recv_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
     assert!(h.to_a.iter().any(|m| m.starts_with("SIP/2.0 487")));
     assert_eq!(Harness::count(&h.to_b, "CANCEL"), 0, "RFC 3261 §9.1: no CANCEL before a provisional");
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
     assert_eq!(Harness::count(&h.to_b, "CANCEL"), 1);
 }
 
@@ -298,7 +298,7 @@ fn callee_never_answers_gives_408() {
 fn busy_callee_is_passed_on() {
     let mut h = Harness::new();
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 486, "btag", ""));
+    h.recv_b(&b_response(inv.as_bytes(), 486, "btag", ""));
     assert!(h.to_b.iter().any(|m| m.starts_with("ACK")), "the transaction ACKs the 486");
     assert!(h.to_a.last().unwrap().starts_with("SIP/2.0 486"));
     assert_eq!(h.ended[0].disposition, Disposition::Busy);
@@ -309,10 +309,10 @@ fn reinvite_hold_is_relayed_with_rewritten_sdp() {
     let mut h = Harness::established();
     let tag = a_tag(&h);
     let hold = T0_SDP.replace("a=rtpmap:101", "a=sendonly\r\na=rtpmap:101");
-    h.from_a(&a_request("INVITE", 2, "z9hG4bKre", Some(&tag), &hold));
+    h.recv_a(&a_request("INVITE", 2, "z9hG4bKre", Some(&tag), &hold));
     let re = h.last_b_request("INVITE");
     assert!(re.contains("CSeq: 2 INVITE") && re.contains("a=sendonly") && re.contains("m=audio 20002 "), "{re}");
-    h.from_b(&b_response(re.as_bytes(), 200, "btag", &B_SDP.replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:0 PCMU/8000\r\na=recvonly")));
+    h.recv_b(&b_response(re.as_bytes(), 200, "btag", &B_SDP.replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:0 PCMU/8000\r\na=recvonly")));
     let ok = h.to_a.last().unwrap();
     assert!(ok.starts_with("SIP/2.0 200") && ok.contains("CSeq: 2 INVITE") && ok.contains("a=recvonly") && ok.contains("m=audio 20000 "), "{ok}");
     assert!(h.to_b.last().unwrap().starts_with("ACK"), "crossbar ACKs B's answer to the re-INVITE");
@@ -352,14 +352,14 @@ fn default_setup() -> CallSetup {
 fn cancelled_call_waits_for_the_callees_487_and_acks_it() {
     let mut h = Harness::new();
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
-    h.from_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
     let tag = a_tag(&h);
-    h.from_a(&a_request("ACK", 1, "z9hG4bKinv", Some(&tag), ""));
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKinv", Some(&tag), ""));
     let cancel = h.last_b_request("CANCEL");
-    h.from_b(&b_response(cancel.as_bytes(), 200, "btag", ""));
+    h.recv_b(&b_response(cancel.as_bytes(), 200, "btag", ""));
     assert!(!h.call.is_finished(), "the callee's INVITE has no final response yet");
-    h.from_b(&b_response(inv.as_bytes(), 487, "btag", ""));
+    h.recv_b(&b_response(inv.as_bytes(), 487, "btag", ""));
     assert!(h.to_b.last().unwrap().starts_with("ACK"), "the 487 is ACKed");
     assert!(h.call.is_finished());
 }
@@ -368,10 +368,10 @@ fn cancelled_call_waits_for_the_callees_487_and_acks_it() {
 fn cancelled_call_gives_up_on_a_silent_callee_after_64_t1() {
     let mut h = Harness::new();
     let inv = h.last_b_request("INVITE");
-    h.from_b(&b_response(inv.as_bytes(), 180, "btag", ""));
-    h.from_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
     let tag = a_tag(&h);
-    h.from_a(&a_request("ACK", 1, "z9hG4bKinv", Some(&tag), ""));
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKinv", Some(&tag), ""));
     h.advance(Duration::from_secs(33));
     assert!(h.call.is_finished());
 }
