@@ -4,7 +4,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use crossbar::media::{MediaConfig, MediaEngine, MediaError, MediaSession, RelayMode, Side};
+use crossbar::media::{
+    MediaConfig, MediaEngine, MediaError, MediaSession, Recording, RecordingOptions, RelayMode,
+    Side,
+};
 use tokio::net::UdpSocket;
 use tokio::time::{sleep, timeout, Instant};
 
@@ -488,4 +491,211 @@ fn config_is_validated() {
     let ok = MediaEngine::new(cfg(10000, 10003, LO)).unwrap();
     assert_eq!(ok.ports_total(), 4);
     assert_eq!(ok.ports_in_use(), 0);
+}
+
+// ---- Recording ----
+
+const PCMU: u8 = 0;
+const PCMA: u8 = 8;
+/// µ-law codes of +7932 / -7932, A-law codes of +4032 / -4032 (ITU-T G.711).
+const MU_TONE: (u8, u8, i16) = (0xa0, 0x20, 7932);
+const A_TONE: (u8, u8, i16) = (0x9a, 0x1a, 4032);
+
+/// A 20 ms G.711 packet holding a 1 kHz square wave (4 samples up, 4 down).
+fn tone_packet(pt: u8, seq: u16, ts: u32, ssrc: u32, (hi, lo, _): (u8, u8, i16)) -> Vec<u8> {
+    let mut p = vec![0x80, pt];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&ts.to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend((0..160).map(|i| if i % 8 < 4 { hi } else { lo }));
+    p
+}
+
+/// What `tone_packet` decodes to at sample `i`.
+fn tone_sample(i: usize, (_, _, level): (u8, u8, i16)) -> i16 {
+    if i % 8 < 4 {
+        level
+    } else {
+        -level
+    }
+}
+
+/// The WAV's spec checked, and its (left, right) channels.
+fn channels(rec: &Recording) -> (Vec<i16>, Vec<i16>) {
+    let mut r = hound::WavReader::new(std::io::Cursor::new(&rec.wav)).expect("valid WAV");
+    let spec = r.spec();
+    assert_eq!(
+        (spec.channels, spec.sample_rate, spec.bits_per_sample),
+        (2, 8000, 16)
+    );
+    assert_eq!(u64::from(r.duration()) / 8, rec.duration_ms);
+    let all: Vec<i16> = r.samples::<i16>().map(|s| s.expect("sample")).collect();
+    let left = all.iter().step_by(2).copied().collect();
+    let right = all.iter().skip(1).step_by(2).copied().collect();
+    (left, right)
+}
+
+async fn records_both_directions(mode: RelayMode, port_min: u16) {
+    let eng = engine_mode(port_min, port_min + 19, mode);
+    let s = eng.open_session().await.unwrap();
+    let (pa, pb) = (party().await, party().await);
+    s.set_remote(Side::A, addr(&pa), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    let (to_a, to_b) = (s.local_rtp(Side::A), s.local_rtp(Side::B));
+    // Before the start: relayed, not recorded.
+    hop(
+        &pa,
+        to_a,
+        &pb,
+        to_b,
+        &tone_packet(PCMU, 999, 4840, 0xa, MU_TONE),
+    )
+    .await;
+    s.start_recording(RecordingOptions { max_bytes: 1 << 20 });
+
+    // A talks for 500 ms (PCMU); B answers 200 ms later for 800 ms (PCMA), with a
+    // DTMF event in the middle that is relayed but not recorded.
+    let t_a = Instant::now();
+    for k in 0..25u16 {
+        let p = tone_packet(PCMU, 1000 + k, 5000 + 160 * u32::from(k), 0xa, MU_TONE);
+        hop(&pa, to_a, &pb, to_b, &p).await;
+    }
+    sleep(Duration::from_millis(200)).await;
+    let t_b = Instant::now();
+    for k in 0..40u16 {
+        let ts = 90_000 + 160 * u32::from(k);
+        hop(
+            &pb,
+            to_b,
+            &pa,
+            to_a,
+            &tone_packet(PCMA, 7 + k, ts, 0xb, A_TONE),
+        )
+        .await;
+        if k == 20 {
+            let mut dtmf = tone_packet(101, 0, ts, 0xb, A_TONE);
+            dtmf.truncate(12);
+            dtmf.extend_from_slice(&[5, 0x0a, 0, 160]);
+            hop(&pb, to_b, &pa, to_a, &dtmf).await;
+        }
+    }
+    // Right after the last packet came through.
+    let rec = s.finish_recording().await.expect("audio was captured");
+    assert!(!rec.truncated);
+
+    let b_lead_ms = (t_b - t_a).as_millis() as u64;
+    let expected_ms = (b_lead_ms + 800).max(500);
+    assert!(
+        rec.duration_ms.abs_diff(expected_ms) <= 40,
+        "{rec:?}, expected {expected_ms} ms"
+    );
+    let (left, right) = channels(&rec);
+    // Left: A's tone, sample-exact, for 500 ms, then silence.
+    assert!((0..4000).all(|i| left[i] == tone_sample(i, MU_TONE)));
+    assert!(left[4000..].iter().all(|&s| s == 0));
+    // Right: silence until B's first packet, then B's tone for 800 ms, uninterrupted by
+    // the DTMF event.
+    let lead = right
+        .iter()
+        .position(|&s| s != 0)
+        .expect("B is in the right channel");
+    assert!(
+        (lead as u64 / 8).abs_diff(b_lead_ms) <= 40,
+        "B starts at {} ms, sent {b_lead_ms} ms after A",
+        lead / 8
+    );
+    assert!((0..6400).all(|i| right[lead + i] == tone_sample(i, A_TONE)));
+    assert!(right[lead + 6400..].iter().all(|&s| s == 0));
+
+    assert_eq!(s.finish_recording().await, None, "finished already");
+    assert!(eventually(|| s.stats().b_to_a_rtp.packets == 41).await);
+    assert_eq!(s.stats().a_to_b_rtp.packets, 26);
+}
+
+#[tokio::test]
+async fn records_both_directions_per_session_task() {
+    records_both_directions(RelayMode::PerSession, 23600).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_both_directions_per_socket_tasks_multi_thread() {
+    records_both_directions(RelayMode::PerSocket, 23620).await;
+}
+
+#[tokio::test]
+async fn recording_truncates_at_max_bytes_and_relaying_goes_on() {
+    let eng = engine(23640, 23659);
+    let s = eng.open_session().await.unwrap();
+    let (pa, pb) = (party().await, party().await);
+    s.set_remote(Side::A, addr(&pa), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    let (to_a, to_b) = (s.local_rtp(Side::A), s.local_rtp(Side::B));
+    // Ten 20 ms packets' worth.
+    s.start_recording(RecordingOptions { max_bytes: 1600 });
+    for k in 0..30u16 {
+        let p = tone_packet(PCMU, k, 160 * u32::from(k), 1, MU_TONE);
+        hop(&pa, to_a, &pb, to_b, &p).await;
+    }
+    for k in 0..5u16 {
+        let p = tone_packet(PCMA, k, 160 * u32::from(k), 2, A_TONE);
+        hop(&pb, to_b, &pa, to_a, &p).await;
+    }
+    let rec = s.finish_recording().await.expect("audio was captured");
+    assert!(rec.truncated);
+    assert_eq!(rec.duration_ms, 200);
+    let (left, right) = channels(&rec);
+    assert!((0..1600).all(|i| left[i] == tone_sample(i, MU_TONE)));
+    assert!(
+        right.iter().all(|&s| s == 0),
+        "the cap covers both directions"
+    );
+    assert!(eventually(|| s.stats().b_to_a_rtp.packets == 5).await);
+    let st = s.stats();
+    assert_eq!(st.a_to_b_rtp.packets, 30);
+    assert_eq!(st.dropped(), 0);
+}
+
+#[tokio::test]
+async fn recording_off_finish_is_none_at_once_and_restart_works() {
+    let eng = engine(23660, 23679);
+    let s = eng.open_session().await.unwrap();
+    let (pa, pb) = (party().await, party().await);
+    s.set_remote(Side::A, addr(&pa), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    let (to_a, to_b) = (s.local_rtp(Side::A), s.local_rtp(Side::B));
+    let send_a = |k: u16| tone_packet(PCMU, k, 160 * u32::from(k), 1, MU_TONE);
+    for k in 0..5 {
+        hop(&pa, to_a, &pb, to_b, &send_a(k)).await;
+    }
+    // Never started: answered on the first poll, without asking the relay.
+    let finished = timeout(Duration::ZERO, s.finish_recording()).await;
+    assert_eq!(finished, Ok(None));
+
+    // Started, but nothing relayed since.
+    s.start_recording(RecordingOptions { max_bytes: 1 << 20 });
+    assert_eq!(s.finish_recording().await, None);
+
+    // Starting twice keeps the first options (the second would truncate at once).
+    s.start_recording(RecordingOptions { max_bytes: 1 << 20 });
+    s.start_recording(RecordingOptions { max_bytes: 10 });
+    for k in 5..10 {
+        hop(&pa, to_a, &pb, to_b, &send_a(k)).await;
+    }
+    let rec = s.finish_recording().await.expect("audio was captured");
+    assert!(!rec.truncated);
+    assert_eq!(rec.duration_ms, 100);
+
+    // Stopped: packets now go unrecorded; a new recording holds only what follows it.
+    for k in 10..15 {
+        hop(&pa, to_a, &pb, to_b, &send_a(k)).await;
+    }
+    s.start_recording(RecordingOptions { max_bytes: 1 << 20 });
+    for k in 15..18 {
+        hop(&pa, to_a, &pb, to_b, &send_a(k)).await;
+    }
+    let rec = s.finish_recording().await.expect("audio was captured");
+    assert_eq!(rec.duration_ms, 60);
+    assert!(eventually(|| s.stats().a_to_b_rtp.packets == 18).await);
+    s.close();
+    assert_eq!(eng.ports_in_use(), 0);
 }

@@ -8,8 +8,22 @@
 //! Symmetric RTP: the first packet received on a side's socket after each
 //! `set_remote` (or after opening) fixes that side's destination to the packet's source,
 //! so parties behind NAT get their media back where they actually send from.
+//!
+//! Recording ([`MediaSession::start_recording`], [`MediaSession::finish_recording`]): the
+//! relay task copies the G.711 audio of the packets it relays into buffers it owns, and
+//! hands them over when asked; decoding and the stereo WAV are built afterwards, off the
+//! relay task.
+//!
+//! # Layout
+//!
+//! - `ports`: the RTP port pool.
+//! - `relay`: per-session shared state and the relay task (the hot loop).
+//! - `recording`: capture of relayed audio and its rendering to WAV (sans-IO).
+//! - `g711`: µ-law / A-law decoding.
 
+mod g711;
 mod ports;
+mod recording;
 mod relay;
 
 use std::fmt;
@@ -17,13 +31,18 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use ports::{PairLease, PortPool};
-use relay::{rtcp_default, SessionInner, A_RTP, B_RTP};
+use recording::{Budget, Track};
+use relay::{rtcp_default, RecArm, SessionInner, TrackReply, A_RTP, B_RTP};
+
+pub use recording::{Recording, RecordingOptions};
 
 /// Media addressing and port range of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +223,7 @@ impl MediaEngine {
             tasks,
             local,
             bind_ip: self.inner.cfg.bind_ip,
+            recording: Mutex::new(None),
         })
     }
 
@@ -330,6 +350,14 @@ pub struct MediaSession {
     /// Advertised RTP address facing A and facing B.
     local: [SocketAddr; 2],
     bind_ip: IpAddr,
+    /// The recording in progress, if any.
+    recording: Mutex<Option<RecordingControl>>,
+}
+
+/// The session's end of a recording in progress: per side (A, B), the line on which
+/// `finish_recording` asks the relay task for that side's track.
+struct RecordingControl {
+    finish: [oneshot::Sender<TrackReply>; 2],
 }
 
 impl fmt::Debug for MediaSession {
@@ -398,6 +426,83 @@ impl MediaSession {
 
     pub fn stats(&self) -> RelayStats {
         self.inner.stats()
+    }
+
+    /// Starts recording both directions from now on: the G.711 audio (PCMU, PCMA) of
+    /// every RTP packet relayed after this call. Other payload types (telephone-event,
+    /// comfort noise, other codecs) are not recorded. Idempotent: while a recording
+    /// runs, further calls change nothing, `opts` included.
+    ///
+    /// The capture buffers are reserved here, in the caller, not in the relay task.
+    pub fn start_recording(&self, opts: RecordingOptions) {
+        let mut control = self.recording.lock();
+        if control.is_some() {
+            return;
+        }
+        let budget = Budget::new(opts.max_bytes);
+        let (finish_a, arm_a) = oneshot::channel();
+        let (finish_b, arm_b) = oneshot::channel();
+        self.inner.arm_recording([
+            RecArm {
+                track: Track::new(Arc::clone(&budget)),
+                finish: arm_a,
+            },
+            RecArm {
+                track: Track::new(budget),
+                finish: arm_b,
+            },
+        ]);
+        *control = Some(RecordingControl {
+            finish: [finish_a, finish_b],
+        });
+        debug!(max_bytes = opts.max_bytes, "recording started");
+    }
+
+    /// Stops recording and returns the call's audio as a WAV (see [`Recording`]): left
+    /// channel A (caller), right channel B (callee), each packet placed by its RTP
+    /// timestamp, the two directions aligned by the arrival of their first packets.
+    /// `None` if recording was never started (returns at once, the relay is not asked)
+    /// or no G.711 audio was relayed since.
+    ///
+    /// Call it before (or instead of) [`close`](MediaSession::close). Async because the
+    /// relay task owns the captured audio, which is what keeps capturing lock-free: it
+    /// hands its buffers over at the end of its current wakeup, with every packet it
+    /// relayed up to then, so calling this right after the last packet loses nothing.
+    /// The WAV is built on tokio's blocking pool, away from the relay and the caller.
+    /// Recording can be started again afterwards.
+    pub async fn finish_recording(&self) -> Option<Recording> {
+        let (control, unclaimed) = {
+            let mut control = self.recording.lock();
+            let c = control.take()?;
+            // Under the control lock, so no new start can slip its arms in meanwhile.
+            (c, self.inner.take_unclaimed_arms())
+        };
+        let mut tracks: [Option<Track>; 2] = [None, None];
+        for ((track, request), arm) in tracks.iter_mut().zip(control.finish).zip(unclaimed) {
+            *track = match arm {
+                // No packet reached the relay since the start: nothing was captured.
+                Some(arm) => Some(arm.track),
+                None => {
+                    let (reply, answer) = oneshot::channel();
+                    // Fails only if the relay task is gone, and with it the audio.
+                    match request.send(reply) {
+                        Ok(()) => answer.await.ok(),
+                        Err(_) => None,
+                    }
+                }
+            };
+        }
+        let now = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || recording::render(tracks, now)).await {
+            Ok(rec) => {
+                debug!(rec = ?rec, "recording finished");
+                rec
+            }
+            Err(e) => {
+                warn!(error = %e, "recording could not be rendered");
+                None
+            }
+        }
     }
 
     /// Stops relaying and frees the ports (same as dropping the session).

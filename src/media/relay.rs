@@ -6,21 +6,33 @@
 //!
 //! Hot-path rules: no allocation, no lock and no channel per packet. The relay keeps a
 //! private copy of the destinations and re-reads the shared copy only when a generation
-//! counter says it changed (set_remote or a latch), which is one atomic load per wakeup.
+//! counter says it changed (set_remote, a latch, a recording started), which is one
+//! atomic load per wakeup.
+//!
+//! Recording: `start_recording` leaves one [`RecArm`] per direction in the shared state
+//! and bumps the generation; the task serving that direction's RTP socket claims it on
+//! its next wakeup and from then on owns the capture, so recording a packet is a copy
+//! into its own vectors, with no lock. `finish_recording` sends a reply line through the
+//! arm's oneshot; the task answers at the end of the wakeup with the track, every packet
+//! it relayed until then included.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Weak;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use socket2::{SockAddr, SockRef};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
 use tracing::{debug, trace};
 
+use super::recording::Track;
 use super::{FlowStats, RelayStats};
 
 /// Receive buffer size. Carrier RTP is far below the Ethernet MTU; a datagram that
@@ -34,6 +46,24 @@ const BUDGET_PER_SOCKET: usize = 64;
 
 pub(crate) const A_RTP: usize = 0;
 pub(crate) const B_RTP: usize = 2;
+
+/// Recording arms are indexed by side: 0 = A, 1 = B, i.e. RTP socket index / 2.
+fn rec_side(rtp_idx: usize) -> usize {
+    rtp_idx / 2
+}
+
+/// Where `finish_recording` wants a track back.
+pub(crate) type TrackReply = oneshot::Sender<Track>;
+
+/// One direction of a recording, on its way to (or owned by) the relay task that serves
+/// that direction's RTP socket.
+#[derive(Debug)]
+pub(crate) struct RecArm {
+    pub(crate) track: Track,
+    /// `finish_recording` sends a reply line here. Closed without one: the recording was
+    /// abandoned (finish cancelled), and the track is dropped.
+    pub(crate) finish: oneshot::Receiver<TrackReply>,
+}
 
 /// Where one party receives one kind of traffic (RTP or RTCP).
 #[derive(Debug, Clone, Copy, Default)]
@@ -78,10 +108,12 @@ pub(crate) struct SessionInner {
     /// The sockets are AF_INET6: IPv4 destinations must be given as v4-mapped.
     v6_sockets: bool,
     slots: Mutex<[Slot; 4]>,
-    /// Bumped (under the `slots` lock) whenever `slots` changes.
+    /// Bumped (under the `slots` or `rec_arms` lock) whenever either changes.
     generation: AtomicU64,
     /// Indexed by the receiving socket.
     counters: [Counters; 4],
+    /// Recording arms not yet claimed by a relay task, by side (see [`rec_side`]).
+    rec_arms: Mutex<[Option<RecArm>; 2]>,
 }
 
 impl SessionInner {
@@ -92,7 +124,20 @@ impl SessionInner {
             slots: Mutex::new([Slot::default(); 4]),
             generation: AtomicU64::new(0),
             counters: Default::default(),
+            rec_arms: Mutex::default(),
         }
+    }
+
+    /// Hands a new recording to the relay: claimed by the tasks on their next wakeup.
+    pub(crate) fn arm_recording(&self, arms: [RecArm; 2]) {
+        let mut slot = self.rec_arms.lock();
+        *slot = arms.map(Some);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Takes back the arms no task has claimed yet (no packet arrived since the start).
+    pub(crate) fn take_unclaimed_arms(&self) -> [Option<RecArm>; 2] {
+        std::mem::take(&mut *self.rec_arms.lock())
     }
 
     /// Sets what signalling says for one party (RTP slot `rtp_idx`, RTCP slot
@@ -153,41 +198,56 @@ struct LocalCount {
     dropped: u64,
 }
 
-/// Per-task relay state: the reusable buffer, cached destinations, batched counters.
+/// Per-task relay state: the reusable buffer, cached destinations, batched counters,
+/// and the recordings it captures.
 struct Relayer {
     buf: Box<[u8]>,
     generation: u64,
     cache: [CachedSlot; 4],
     counts: [LocalCount; 4],
+    /// Sides whose RTP socket this task serves, hence whose recording it captures.
+    records: [bool; 2],
+    /// Recordings in progress, by side: owned here so capturing takes no lock.
+    rec: [Option<RecArm>; 2],
 }
 
+/// Forces a reload of the shared state on the next wakeup.
+const STALE: u64 = u64::MAX;
+
 impl Relayer {
-    fn new() -> Self {
+    fn new(only: Option<usize>) -> Self {
         Self {
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
-            // Forces a load on the first wakeup.
-            generation: u64::MAX,
+            generation: STALE,
             cache: Default::default(),
             counts: [LocalCount::default(); 4],
+            records: [A_RTP, B_RTP].map(|rtp| only.is_none_or(|i| i == rtp)),
+            rec: [None, None],
         }
     }
 
     fn refresh(&mut self, inner: &SessionInner) {
-        if inner.generation.load(Ordering::Acquire) != self.generation {
+        let current = inner.generation.load(Ordering::Acquire);
+        if current != self.generation {
+            // Noted before reading: a change made while we read shows up next wakeup.
+            self.generation = current;
             let slots = inner.slots.lock();
             self.load(inner, &slots);
+            drop(slots);
+            self.claim_recording(inner);
         }
     }
 
     /// Copies the shared slots; the caller holds the lock.
     fn load(&mut self, inner: &SessionInner, slots: &[Slot; 4]) {
-        self.generation = inner.generation.load(Ordering::Acquire);
         for (c, s) in self.cache.iter_mut().zip(slots.iter()) {
             c.latched = s.latched.is_some();
             c.dest = s.dest().map(|a| inner.to_sock_addr(a));
         }
     }
 
+    /// Latches slot `idx` to `src` and reloads the slots at once. The generation is left
+    /// stale, so the next wakeup reloads everything, including what changed meanwhile.
     fn latch(&mut self, inner: &SessionInner, idx: usize, src: SocketAddr) {
         let mut slots = inner.slots.lock();
         if slots[idx].latched.is_none() {
@@ -196,6 +256,44 @@ impl Relayer {
             debug!(slot = idx, %src, sdp = ?slots[idx].sdp, "media latched");
         }
         self.load(inner, &slots);
+    }
+
+    /// Takes the recording arms for the sides this task serves. A side still busy with
+    /// the previous recording (its finish not answered yet) claims the new arm on the
+    /// wakeup after the answer (`poll_recording` marks the state stale).
+    fn claim_recording(&mut self, inner: &SessionInner) {
+        let mut arms = inner.rec_arms.lock();
+        for side in 0..2 {
+            if self.records[side] && self.rec[side].is_none() {
+                if let Some(arm) = arms[side].take() {
+                    debug!(side, "recording claimed by the relay");
+                    self.rec[side] = Some(arm);
+                }
+            }
+        }
+    }
+
+    /// Answers `finish_recording` for each side that asked. Polling the oneshot registers
+    /// this task's waker, so a finish wakes the task even when no packet comes any more.
+    fn poll_recording(&mut self, cx: &mut Context<'_>) {
+        let mut answered = false;
+        for slot in &mut self.rec {
+            let Some(arm) = slot else {
+                continue;
+            };
+            let Poll::Ready(request) = Pin::new(&mut arm.finish).poll(cx) else {
+                continue;
+            };
+            // Either way the arm is done: taken out here, handed over or dropped.
+            if let (Some(arm), Ok(reply)) = (slot.take(), request) {
+                // The finisher may have gone meanwhile; the track is dropped then.
+                let _ = reply.send(arm.track);
+            }
+            answered = true;
+        }
+        if answered {
+            self.generation = STALE;
+        }
     }
 
     /// Relays every datagram ready on socket `idx`. Returns true when it stopped because
@@ -238,6 +336,14 @@ impl Relayer {
                     let c = &mut self.counts[idx];
                     c.packets += 1;
                     c.bytes += n as u64;
+                    // Only RTP (even sockets) carries audio. Captured after the send and
+                    // before this wakeup ends, so a finish that saw the packet arrive
+                    // gets it in the recording.
+                    if idx.is_multiple_of(2) {
+                        if let Some(arm) = &mut self.rec[rec_side(idx)] {
+                            arm.track.record(&self.buf[..n], Instant::now);
+                        }
+                    }
                 }
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
@@ -271,7 +377,7 @@ impl Relayer {
 /// Written as a hand-rolled poll loop rather than `select!` over `readable()`: one
 /// wakeup polls each socket once and drains it, with no futures built per iteration.
 pub(crate) async fn run(weak: Weak<SessionInner>, only: Option<usize>) {
-    let mut relayer = Relayer::new();
+    let mut relayer = Relayer::new(only);
     poll_fn(move |cx| {
         // The session owns the sockets; once it is gone there is nothing left to do.
         let Some(inner) = weak.upgrade() else {
@@ -287,6 +393,7 @@ pub(crate) async fn run(weak: Weak<SessionInner>, only: Option<usize>) {
                 }
             }
         }
+        relayer.poll_recording(cx);
         relayer.flush(&inner);
         if more {
             // Budget used up with datagrams still queued: come back after the others ran.
