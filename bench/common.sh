@@ -115,7 +115,9 @@ stat_col() {
 
 CHILDREN=()
 cleanup() {
+    set +e   # errexit would stop at the first child that already ended
     for p in "${CHILDREN[@]}"; do kill "$p" 2>/dev/null; done
     wait 2>/dev/null
+    return 0
 }
 trap cleanup EXIT

@@ -91,10 +91,12 @@ fn kill_9_with_calls_in_progress_loses_no_cdr() {
 
 #[test]
 fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest() {
-    let cb = Crossbar::start(NodeConfig::new());
+    let mut cfg = NodeConfig::new();
+    cfg.acme_extra = "recording = \"all\"".into();
+    let cb = Crossbar::start(cfg);
     let dir = TempDir::new("isolation");
     let uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 1, &[]);
-    let call = carrier_call(&cb, "uac_call.xml", ACME_DID).arg("-d").arg(200).run(&dir);
+    let call = carrier_call(&cb, "uac_call.xml", ACME_DID).arg("-d").arg(3000).run(&dir);
     assert!(call.success(), "{}\n{}", call.report(), cb.report());
     let _ = uas.wait();
     let acme = wait_for(Duration::from_secs(5), || {
@@ -105,6 +107,20 @@ fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest() {
     let acme_id = acme[0]["id"].as_str().unwrap().to_string();
     assert_eq!(acme[0]["from"], "15551230000");
     assert_eq!(acme[0]["did"], ACME_DID);
+    assert_eq!(acme[0]["recording"], acme_id.as_str(), "acme records all calls: {}", acme[0]);
+
+    // Positive control: acme gets its own recording, a stereo 8 kHz WAV with the call's audio.
+    let wav_path = dir.join("acme.wav");
+    let (ok, out, err) = cb.cli(&["recording", "get", "--tenant", "acme", &acme_id, "--out", wav_path.to_str().unwrap()]);
+    assert!(ok, "{out} {err}");
+    let wav = std::fs::read(&wav_path).unwrap();
+    assert!(wav.len() > 44 && &wav[..4] == b"RIFF" && &wav[8..12] == b"WAVE", "not a WAV: {} bytes", wav.len());
+    assert_eq!(u16::from_le_bytes([wav[22], wav[23]]), 2, "two channels (caller, callee)");
+    assert_eq!(u32::from_le_bytes([wav[24], wav[25], wav[26], wav[27]]), 8000);
+    let samples: Vec<i16> = wav[44..].chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
+    let loud = |ch: usize| samples.iter().skip(ch).step_by(2).filter(|s| s.unsigned_abs() > 200).count();
+    println!("acme's recording: {} bytes, loud samples: caller {}, callee {}", wav.len(), loud(0), loud(1));
+    assert!(loud(0) > 100 && loud(1) > 100, "both parties' audio is in the recording");
 
     let mut attempts = 0;
     let mut succeeded = Vec::new();
@@ -121,14 +137,14 @@ fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest() {
     }
     // acme's record ids under globex's scope.
     for args in [
-        vec!["recording", "get", "--tenant", "globex", acme_id.as_str(), "--out", "/dev/null"],
+        vec!["recording", "get", "--tenant", "globex", acme_id.as_str(), "--out", "/tmp/crossbar-should-not-exist.wav"],
         vec!["recording", "get", "--tenant", "globex", "../acme/cdr/x", "--out", "/dev/null"],
         vec!["cdr", "list", "--tenant", "acme/../globex", "--json"],
         vec!["cdr", "list", "--tenant", "nosuchtenant", "--json"],
     ] {
         attempts += 1;
         let (ok, out, err) = cb.cli(&args);
-        if ok && out.contains(&acme_id) {
+        if ok && (out.contains(&acme_id) || args[0] == "recording") {
             succeeded.push("a command read acme's record through another scope");
         }
         assert!(!ok || !out.contains("15551230000"), "{args:?} → {out} {err}");

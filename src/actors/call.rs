@@ -36,14 +36,14 @@ pub struct CallShared {
     pub released: bool,
     pub cdr: Cdr,
     pub store: ScopedStore,
-    /// Record this call (tenant policy and plan).
-    pub record: bool,
+    /// Set when this call is being recorded (tenant policy, plan, storage left).
+    pub recording: Option<RecordingBudget>,
 }
 
 impl CallShared {
-    pub fn new(core: B2bua, media: MediaSession, a_peer: Peer, b_peer: Peer, cdr: Cdr, store: ScopedStore, record: bool) -> Self {
+    pub fn new(core: B2bua, media: MediaSession, a_peer: Peer, b_peer: Peer, cdr: Cdr, store: ScopedStore, recording: Option<RecordingBudget>) -> Self {
         let tenant = cdr.tenant.clone();
-        Self { core, media: Some(media), a_peer, b_peer, tenant, started: Instant::now(), end: None, released: false, cdr, store, record }
+        Self { core, media: Some(media), a_peer, b_peer, tenant, started: Instant::now(), end: None, released: false, cdr, store, recording }
     }
 
     fn event(&self, node: &Node, kind: &str) {
@@ -107,9 +107,23 @@ impl CallShared {
             None => "system".to_string(),
         });
         self.cdr.finish(std::time::SystemTime::now(), CdrState::Completed);
-        match self.cdr.end_ops(&self.store) {
-            Ok(ops) => node.writer.write_detached(ops),
-            Err(e) => tracing::error!(tenant = %self.tenant, "cannot seal the CDR of {}: {e}", self.cdr.id),
+        let media = self.media.take();
+        match (self.recording.take(), media) {
+            (Some(rec), Some(media)) => {
+                // The WAV is built off the relay task; the CDR is completed with it.
+                let (cdr, store, writer, tenant) = (self.cdr.clone(), self.store.clone(), node.writer.clone(), self.tenant.clone());
+                tokio::spawn(async move {
+                    let wav = media.finish_recording().await;
+                    media.close();
+                    store_end(cdr, wav, &rec, &store, &writer, &tenant);
+                });
+            }
+            (_, media) => {
+                if let Some(m) = media {
+                    m.close();
+                }
+                store_end(self.cdr.clone(), None, &RecordingBudget::default(), &self.store, &node.writer, &self.tenant);
+            }
         }
         tracing::info!(
             tenant = %self.tenant,
@@ -125,10 +139,32 @@ impl CallShared {
             dropped_packets = stats.dropped(),
             "call ended"
         );
-        if let Some(m) = self.media.take() {
-            m.close();
-        }
     }
+}
+
+/// Where a recorded call's audio is accounted (the tenant's storage budget).
+#[derive(Default, Clone)]
+pub struct RecordingBudget {
+    pub used: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Writes a call's final CDR (and its recording, if any) in one batch.
+fn store_end(mut cdr: Cdr, wav: Option<crate::media::Recording>, budget: &RecordingBudget, store: &ScopedStore, writer: &crate::store::writer::RecordWriter, tenant: &str) {
+    let mut ops = Vec::new();
+    if let Some(rec) = wav {
+        let used = budget.used.fetch_add(rec.wav.len() as u64, Ordering::Relaxed) + rec.wav.len() as u64;
+        cdr.recording = Some(cdr.id.clone());
+        match store.sealed_put(crate::store::RecordKind::Recording, &cdr.id, &rec.wav).and_then(|r| Ok((r, store.sealed_put(crate::store::RecordKind::Config, "recording-usage", used.to_string().as_bytes())?))) {
+            Ok((r, u)) => ops.extend([r, u]),
+            Err(e) => tracing::error!(tenant, "cannot seal the recording of {}: {e}", cdr.id),
+        }
+        tracing::debug!(tenant, cdr = %cdr.id, bytes = rec.wav.len(), duration_ms = rec.duration_ms, truncated = rec.truncated, "recording stored");
+    }
+    match cdr.end_ops(store) {
+        Ok(end) => ops.extend(end),
+        Err(e) => tracing::error!(tenant, "cannot seal the CDR of {}: {e}", cdr.id),
+    }
+    writer.write_detached(ops);
 }
 
 /// Called by the tenant when a Call actor failed: hang up both legs with what

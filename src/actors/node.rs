@@ -238,7 +238,11 @@ impl Actor for TenantSupervisor {
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, (node, tenants): Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let mut state = TenantSupState { node: node.clone(), children: HashMap::new() };
         for (store, cfg) in tenants {
-            let args = TenantArgs::new(cfg, store, node.clone());
+            let used = match store.get(RecordKind::Config, "recording-usage").await {
+                Ok(Some(v)) => String::from_utf8_lossy(&v).parse().unwrap_or(0),
+                _ => 0,
+            };
+            let args = TenantArgs::new(cfg, store, node.clone(), used);
             spawn_tenant(&myself, &mut state, args).await?;
         }
         Ok(state)

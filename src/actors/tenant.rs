@@ -57,11 +57,14 @@ pub struct TenantArgs {
     pub registrar: Arc<Mutex<Registrar>>,
     /// Requests cast to this tenant and not yet handled (bounded at the edge).
     pub pending: Arc<AtomicUsize>,
+    /// Bytes of recordings stored (against the plan's recording storage).
+    pub recording: super::call::RecordingBudget,
 }
 
 impl TenantArgs {
-    pub fn new(config: TenantConfig, store: ScopedStore, node: Arc<Node>) -> Self {
-        Self { config: Arc::new(Mutex::new(config)), store, node, registrar: Arc::new(Mutex::new(Registrar::default())), pending: Arc::new(AtomicUsize::new(0)) }
+    pub fn new(config: TenantConfig, store: ScopedStore, node: Arc<Node>, recording_used: u64) -> Self {
+        let recording = super::call::RecordingBudget { used: Arc::new(std::sync::atomic::AtomicU64::new(recording_used)) };
+        Self { config: Arc::new(Mutex::new(config)), store, node, registrar: Arc::new(Mutex::new(Registrar::default())), pending: Arc::new(AtomicUsize::new(0)), recording }
     }
 }
 
@@ -409,8 +412,19 @@ impl TenantState {
                 return self.respond(&m, &req, 500, "cannot record the call");
             }
         };
-        let record = self.limits.recording && cfg.records(did_used.as_deref().filter(|_| direction == cdr::Direction::Inbound));
-        let shared = Arc::new(Mutex::new(CallShared::new(core, media, m.peer, b_peer, cdr, self.args.store.clone(), record)));
+        let mut recording = None;
+        if self.limits.recording && cfg.records(did_used.as_deref().filter(|_| direction == cdr::Direction::Inbound)) {
+            let cap = self.limits.recording_storage_mb.saturating_mul(1 << 20);
+            let left = cap.saturating_sub(self.args.recording.used.load(Ordering::Relaxed));
+            if left == 0 {
+                cdr::emit(&node.writer, &self.args.store, Event::new("limit.refused", Some(&cdr.id), Some("recording storage full: call not recorded".into())));
+            } else {
+                // One call keeps at most 256 MB of audio in memory (about 4.5 hours of G.711 stereo).
+                media.start_recording(crate::media::RecordingOptions { max_bytes: left.min(256 << 20) as usize });
+                recording = Some(self.args.recording.clone());
+            }
+        }
+        let shared = Arc::new(Mutex::new(CallShared::new(core, media, m.peer, b_peer, cdr, self.args.store.clone(), recording)));
         let args = CallArgs { node: node.clone(), shared: shared.clone(), cdr_ack: Some(cdr_ack) };
         match Actor::spawn_linked(None, Call, args, myself.get_cell()).await {
             Ok((call, _)) => {
