@@ -365,22 +365,10 @@ pub fn build_request(method: Method, uri: &str, headers: Vec<(&str, String)>, co
     Some(req)
 }
 
-/// A response to `req` (RFC 3261 §8.2.6): Vias, From, To (tagged), Call-ID, CSeq copied.
+/// A response to `req` (RFC 3261 §8.2.6): see [`super::transaction::make_response`].
+/// A 100 Trying never carries a To tag.
 pub fn response_to(req: &Request, code: u16, to_tag: Option<&str>) -> Response {
-    let mut h = Headers::default();
-    for hd in req.headers.iter() {
-        let name = hd.name();
-        if name.eq_ignore_ascii_case("Via") || name.eq_ignore_ascii_case("From") || name.eq_ignore_ascii_case("Call-ID") || name.eq_ignore_ascii_case("CSeq") {
-            h.push(hd.clone());
-        } else if name.eq_ignore_ascii_case("To") {
-            match to_tag {
-                Some(tag) if code != 100 => h.push(make_header("To", with_tag(hd.value(), tag))),
-                _ => h.push(hd.clone()),
-            }
-        }
-    }
-    push(&mut h, "Content-Length", "0");
-    Response { status_code: StatusCode::from(code), wire_reason: None, version: Version::V2, headers: h, body: Vec::new() }
+    super::transaction::make_response(req, StatusCode::from(code), if code == 100 { None } else { to_tag })
 }
 
 /// A response with a `Warning: 399` (or `Reason`) saying why, for refusals a person must understand.

@@ -1194,14 +1194,20 @@ pub fn to_tag(headers: &Headers) -> Option<String> {
 /// picks the right one from a name. A body must come with its
 /// Content-Length, which this function sets to 0.
 ///
-/// ```ignore
-/// use rsipstack::sip::{headers::make_header, Header, Reason, StatusCode, Warning};
+/// ```
+/// use crossbar::sip::transaction::{make_response, new_tag};
+/// use rsipstack::sip::{headers::make_header, Header, Request, StatusCode};
 ///
+/// let req = Request::try_from(
+///     "OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\n\
+///      To: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+/// )
+/// .unwrap();
 /// let mut resp = make_response(&req, StatusCode::ServiceUnavailable, Some(&new_tag()));
-/// resp.headers.push(Header::Warning(Warning::new(r#"399 crossbar "trunk down""#)));
-/// resp.headers.push(Header::Reason(Reason::new(r#"Q.850;cause=34;text="No circuit""#)));
-/// resp.headers.push(Header::Other("X-Tenant".into(), "acme".into()));
 /// resp.headers.push(make_header("Retry-After", "30".into()));
+/// resp.headers.push(Header::Other("X-Tenant".into(), "acme".into()));
+/// let text = String::from_utf8(resp.to_bytes()).unwrap();
+/// assert!(text.starts_with("SIP/2.0 503") && text.contains("Retry-After: 30") && text.contains("X-Tenant: acme"));
 /// ```
 pub fn make_response(req: &Request, code: StatusCode, to_tag: Option<&str>) -> Response {
     let mut headers = Headers::default();
