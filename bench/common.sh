@@ -121,3 +121,9 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
+
+# Datagrams the kernel dropped machine-wide because a socket's receive buffer
+# was full (/proc/net/snmp Udp RcvbufErrors): tells kernel drops from relay loss.
+udp_rcvbuf_errors() {
+    awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "RcvbufErrors") c = i; h = 1 } else { print $c; exit } }' /proc/net/snmp
+}

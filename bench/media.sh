@@ -35,6 +35,7 @@ measure() {
     local uas=$!; CHILDREN+=("$uas")
     sleep 0.5
     local rss0=0; [[ -n $cb ]] && rss0=$(rss_kb "$cb")
+    local drops0; drops0=$(udp_rcvbuf_errors)
     "$SIPP" -sf "$ROOT/tests/sipp/uac_media_hold.xml" "$target" -i 127.0.0.2 -p "$(free_port 127.0.0.2)" \
         -mi 127.0.0.2 -mp "$(free_port 127.0.0.2)" -s 15550001000 \
         -key from_user 15551230000 -key from_domain 127.0.0.2 -key ruri_host 127.0.0.1 -key pcap "$PCAP" \
@@ -53,7 +54,7 @@ measure() {
     kill "$uas" 2>/dev/null || true; wait "$uas" 2>/dev/null || true
     local ok failed
     ok=$(stat_col "$dir/uac_stat.csv" 'SuccessfulCall(C)'); failed=$(stat_col "$dir/uac_stat.csv" 'FailedCall(C)')
-    echo "  $name: $ok calls ok, $failed failed (SIPp exit $rc)"
+    echo "  $name: $ok calls ok, $failed failed (SIPp exit $rc); kernel UDP receive-buffer drops during the run (whole machine): $(( $(udp_rcvbuf_errors) - drops0 ))"
     awk -v t="$(( u1 - u0 + s1 - s0 ))" -v hz="$CLK_TCK" -v w="$HOLD_S" -v n="$N" \
         'BEGIN {printf "  %-9s SIPp UAC+UAS CPU: %.1f%% of one core (%.4f%% per call)\n", "", t/hz/w*100, t/hz/w*100/n}'
     if [[ -n $cb ]]; then
