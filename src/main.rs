@@ -7,6 +7,7 @@ use std::process::ExitCode;
 const USAGE: &str = "usage:
   crossbar run [--config FILE]                       start a node (default config/crossbar.toml)
   crossbar check-config [--config FILE]              validate the configuration and exit
+  crossbar status                                    calls in progress, media ports in use (running node)
   crossbar cdr list --tenant ID [--json] [--limit N] a tenant's call records, oldest first
   crossbar events list --tenant ID [--limit N]       a tenant's event stream (JSON lines)
   crossbar recording get --tenant ID CDR_ID --out FILE   a call's recording (WAV)
@@ -79,6 +80,7 @@ fn main() -> ExitCode {
         ["run"] => run(config),
         ["cdr", "list"] | ["events", "list"] | ["recording", "get", _] | ["tenant", "set-plan", _] | ["keys", "rotate"] | ["tenant", "delete"] => admin_command(config, &pos, &o),
         ["keys", "rewrap"] => rewrap(config),
+        ["status"] => admin_command(config, &pos, &o),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -89,10 +91,11 @@ fn main() -> ExitCode {
 /// Runs an admin command against the running node, or the store when no node runs.
 fn admin_command(config: Config, pos: &[&str], o: &Opts) -> ExitCode {
     use crossbar::console::admin::{self, Request};
-    let Some(tenant) = o.tenant.clone() else {
+    let tenant = o.tenant.clone().unwrap_or_default();
+    if tenant.is_empty() && pos != ["status"] {
         eprintln!("crossbar: --tenant ID is required");
         return ExitCode::from(2);
-    };
+    }
     let limit = o.limit.unwrap_or(100);
     let req = match pos {
         ["cdr", "list"] => Request::CdrList { tenant, after: None, limit },
@@ -106,6 +109,7 @@ fn admin_command(config: Config, pos: &[&str], o: &Opts) -> ExitCode {
         }
         ["tenant", "set-plan", plan] => Request::SetPlan { tenant, plan: plan.to_string(), limits: Some(Default::default()) },
         ["keys", "rotate"] => Request::KeysRotate { tenant },
+        ["status"] => Request::NodeStatus,
         ["tenant", "delete"] => Request::TenantDelete { tenant },
         _ => unreachable!("main only dispatches the commands matched above"),
     };

@@ -38,6 +38,9 @@ pub enum Request {
     /// New data key for the tenant's new writes; older data stays readable.
     #[serde(rename = "keys.rotate")]
     KeysRotate { tenant: String },
+    /// The node's counters: calls in progress, media ports in use, registrations.
+    #[serde(rename = "node.status")]
+    NodeStatus,
     /// Destroys the tenant's keys (crypto-shredding) and deletes its records. Offline only.
     #[serde(rename = "tenant.delete")]
     TenantDelete { tenant: String },
@@ -99,6 +102,15 @@ pub async fn execute(vault: &Vault, node: Option<&Arc<Node>>, req: Request) -> R
                 Some(wav) => Ok(json!({"id": id, "wav_base64": base64::engine::general_purpose::STANDARD.encode(wav)})),
                 None => Err(AdminError::new("not_found", format!("tenant {tenant} has no recording {id}"))),
             }
+        }
+        Request::NodeStatus => {
+            let Some(node) = node else { return Err(AdminError::new("node_not_running", "no node runs on this data directory")) };
+            Ok(json!({
+                "calls_in_progress": node.calls_in_progress(),
+                "call_routes": node.calls.len(),
+                "media_ports_in_use": node.media.ports_in_use(),
+                "tenants": node.routing.read().by_id.len(),
+            }))
         }
         Request::KeysRotate { tenant } => {
             let id = vault.rotate_tenant_key(&tenant_id(&tenant)?).await?;
