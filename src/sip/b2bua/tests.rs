@@ -375,3 +375,15 @@ fn cancelled_call_gives_up_on_a_silent_callee_after_64_t1() {
     h.advance(Duration::from_secs(33));
     assert!(h.call.is_finished());
 }
+
+#[test]
+fn early_media_183_passes_with_anchored_sdp() {
+    let mut h = Harness::new();
+    let inv = h.last_b_request("INVITE");
+    h.recv_b(&b_response(inv.as_bytes(), 183, "btag", B_SDP));
+    let early = h.to_a.last().unwrap();
+    assert!(early.starts_with("SIP/2.0 183"), "{early}");
+    assert!(early.contains("m=audio 20000 ") && early.contains("c=IN IP4 192.0.2.1"), "the caller hears early media through crossbar: {early}");
+    assert!(h.media.contains(&(Side::B, "10.0.0.2:5000".parse().unwrap())), "relay learns the callee's address from the 183");
+    assert_eq!(h.progress, vec!["ringing"]);
+}
