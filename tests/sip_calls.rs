@@ -392,3 +392,34 @@ fn panic_in_one_call_ends_it_and_leaves_the_other_up() {
     assert!(calls.iter().any(|c| c.get("disposition") == Some("answered")), "{}", cb.report());
     assert_eq!(cb.options_status(), Some(200), "{}", cb.report());
 }
+
+// TCP -------------------------------------------------------------------------
+
+/// A phone registered over TCP: its REGISTER's connection is gone when the call
+/// comes (SIPp registers from a separate process), so crossbar connects to the
+/// Contact's address over TCP; the carrier leg stays UDP.
+#[test]
+fn carrier_call_to_an_extension_registered_over_tcp() {
+    let cb = Crossbar::start(NodeConfig::new());
+    let dir = TempDir::new("tcp");
+    let port = free_port(LOCALHOST);
+    let reg = Sipp::new("register_once.xml", LOCALHOST, port)
+        .remote(cb.sipp_target())
+        .arg("-t")
+        .arg("t1")
+        .credentials(&dir, "1001", ACME, "acme1001pw")
+        .timeout(Duration::from_secs(10))
+        .run(&dir);
+    assert!(reg.success(), "REGISTER over TCP failed\n{}\n{}", reg.report(), cb.report());
+    let mut uas = Sipp::new("uas_answer.xml", LOCALHOST, port).arg("-t").arg("t1").media(LOCALHOST, free_media_port(LOCALHOST)).arg("-rtp_echo").calls(1).timeout(Duration::from_secs(30)).spawn(&dir);
+    std::thread::sleep(Duration::from_millis(300));
+    uas.wait_listening();
+    let (caller, _) = carrier_caller(&cb, "uac_call.xml", ACME_DID);
+    let uac = caller.arg("-d").arg(2000).run(&dir);
+    let uas = uas.wait();
+    assert!(uac.success(), "caller failed\n{}\n{}\n{}", uac.report(), uas.report(), cb.report());
+    assert!(uas.success(), "TCP callee failed\n{}\n{}", uas.report(), cb.report());
+    let call = one_call_ended(&cb);
+    assert_eq!(call.get("disposition"), Some("answered"), "{}", call.line);
+    assert_rtp_both_ways(&cb, &call, 50);
+}

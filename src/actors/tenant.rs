@@ -447,7 +447,15 @@ impl TenantState {
             return None;
         };
         let to = format!("<sip:{ext}@{}>", self.cfg.domain);
-        Some((b.contact, b.peer, from, to))
+        // Over a stream transport, reuse the registration's connection; if it has
+        // closed, open one to the Contact's address (the REGISTER's source port was ephemeral).
+        let mut peer = b.peer;
+        if peer.proto != Proto::Udp && !self.node().transports.has_connection(peer.addr) {
+            if let Some(addr) = b.contact_addr {
+                peer.addr = addr;
+            }
+        }
+        Some((b.contact, peer, from, to))
     }
 }
 

@@ -15,6 +15,9 @@ pub struct Binding {
     pub contact: String,
     /// Where the REGISTER came from: requests to this contact go there (NAT-friendly, RFC 5626 flow).
     pub peer: Peer,
+    /// The Contact's own address (IP literal), for stream transports whose
+    /// connection has closed since the REGISTER.
+    pub contact_addr: Option<std::net::SocketAddr>,
     pub expires_at: Instant,
     pub call_id: String,
     pub cseq: u32,
@@ -77,6 +80,7 @@ impl Registrar {
             }
             if expires > 0 {
                 list.push(Binding {
+                    contact_addr: contact_socket_addr(&uri),
                     contact: uri,
                     peer: req.peer,
                     expires_at: now + Duration::from_secs(expires as u64),
@@ -126,6 +130,14 @@ impl Registrar {
     pub fn count(&self) -> usize {
         self.bindings.values().map(Vec::len).sum()
     }
+}
+
+/// `sip:user@192.0.2.1:5070;transport=tcp` → 192.0.2.1:5070 (5060 by default); None for host names.
+fn contact_socket_addr(uri: &str) -> Option<std::net::SocketAddr> {
+    let u = rsipstack::sip::Uri::try_from(uri).ok()?;
+    let rsipstack::sip::Host::IpAddr(ip) = u.host_with_port.host else { return None };
+    let port = u.host_with_port.port.map(|p| u16::from(p)).unwrap_or(5060);
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// RFC 3261 §19.1.4 URI comparison, simplified: scheme, user, host, port.

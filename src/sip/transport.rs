@@ -129,6 +129,11 @@ impl Transports {
         .unwrap_or(5060)
     }
 
+    /// Whether a stream connection to `addr` is open.
+    pub fn has_connection(&self, addr: SocketAddr) -> bool {
+        self.conns.contains_key(&addr)
+    }
+
     /// Starts the receive loops; runs until the process ends.
     pub fn start(self: &Arc<Self>, sink: Arc<dyn Sink>) {
         let _ = self.sink.set(sink.clone());
