@@ -27,7 +27,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(file: &Path, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn new(file: &Path, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Self { file: file.to_path_buf(), field: field.into(), problem: problem.into(), fix: fix.into() }
     }
 }
@@ -41,6 +41,8 @@ pub struct Config {
     pub media: MediaSection,
     pub trunks: Vec<Trunk>,
     pub tenants: Vec<TenantConfig>,
+    /// `[http]`: softphone page, login API, SIP over WebSocket (none: not served).
+    pub http: Option<crate::console::HttpSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +147,9 @@ pub struct TenantConfig {
     /// Calls in progress for this tenant above which its new calls get 503.
     #[serde(default = "default_tenant_max_calls")]
     pub max_calls: usize,
+    /// Softphone agents (login name, argon2 hash, extension).
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<crate::console::softphone::AgentConfig>,
     #[serde(skip)]
     pub file: PathBuf,
 }
@@ -211,6 +216,8 @@ struct NodeFile {
     media: MediaSection,
     #[serde(default, rename = "trunk")]
     trunks: Vec<Trunk>,
+    #[serde(default)]
+    http: Option<crate::console::HttpSection>,
     /// Directory of tenant files, relative to the node file.
     #[serde(default = "default_tenants_dir")]
     tenants_dir: PathBuf,
@@ -260,7 +267,11 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        let config = Config { file: path.to_path_buf(), node, sip, media: parsed.media, trunks: parsed.trunks, tenants };
+        let mut http = parsed.http;
+        if let Some(h) = &mut http {
+            h.resolve_paths(base);
+        }
+        let config = Config { file: path.to_path_buf(), node, sip, media: parsed.media, trunks: parsed.trunks, tenants, http };
         config.validate()?;
         Ok(config)
     }
@@ -347,7 +358,7 @@ impl Config {
                 }
             }
         }
-        Ok(())
+        crate::console::validate(self)
     }
 
     /// The address crossbar puts into Via/Contact.

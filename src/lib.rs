@@ -7,11 +7,13 @@
 //! - [`media`]: RTP port pool and the anchored RTP/RTCP relay.
 //! - [`store`]: the tenant-scoped `Store` trait (embedded redb, Redis) and the `Vault`.
 //! - [`crypto`]: master key and per-tenant data keys (envelope encryption).
+//! - [`console`]: HTTP: the softphone page, its login API, SIP over WebSocket.
 //! - [`actors`]: the ractor supervision tree: node, tenants, calls; `dispatch` routes received SIP.
 #![forbid(unsafe_code)]
 
 pub mod actors;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod media;
 pub mod sip;

@@ -100,6 +100,7 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
     });
     let (sup, _) = Actor::spawn(Some("node".into()), NodeSupervisor, node.clone()).await?;
     transports.start(node.clone());
+    crate::console::http::start(node.clone()).await?;
     Ok((node, sup))
 }
 

@@ -30,6 +30,8 @@ pub enum TenantMsg {
     Sip(Box<Incoming>),
     /// Periodic housekeeping (expired registrations).
     Tick,
+    /// A connection closed (SIP over WebSocket): its registrations go.
+    ConnectionClosed(Peer),
     /// Test-only: make this tenant actor panic.
     #[cfg(feature = "fault-injection")]
     Panic,
@@ -87,6 +89,12 @@ impl Actor for Tenant {
                     Method::Register => state.on_register(&m, &req),
                     Method::Invite => state.on_invite(&myself, m, req).await,
                     _ => {}
+                }
+            }
+            TenantMsg::ConnectionClosed(peer) => {
+                let n = state.args.registrar.lock().remove_peer(peer);
+                if n > 0 {
+                    tracing::info!(tenant = %state.args.config.id, "{n} registrations removed: their WebSocket closed");
                 }
             }
             TenantMsg::Tick => {
@@ -153,12 +161,19 @@ impl TenantState {
             NonceCheck::Stale => return Auth::Challenge { stale: true },
             NonceCheck::Invalid => return Auth::Challenge { stale: false },
         }
-        let Some(password) = self.passwords.get(&creds.username) else { return Auth::Refused("wrong user name or password") };
-        if !auth::verify(&creds, req.method.to_string().as_str(), password) {
+        // A configured SIP password, or short-lived softphone credentials (`EXT~EXPIRY`).
+        let (user, password) = match self.passwords.get(&creds.username) {
+            Some(p) => (creds.username.clone(), p.clone()),
+            None => match crate::console::softphone::ephemeral_password(&self.node().nonces, &self.args.config.id, &creds.username, SystemTime::now()) {
+                Some((ext, p)) if self.passwords.contains_key(&ext) => (ext, p),
+                _ => return Auth::Refused("wrong user name or password"),
+            },
+        };
+        if !auth::verify(&creds, req.method.to_string().as_str(), &password) {
             return Auth::Refused("wrong user name or password");
         }
         let _ = m;
-        Auth::User(creds.username.clone())
+        Auth::User(user)
     }
 
     fn challenge(&self, m: &Incoming, req: &Request, code: u16, stale: bool) {

@@ -131,6 +131,8 @@ pub struct NodeConfig {
     pub log_level: String,
     /// Extra lines for the `[sip]` section (e.g. a TLS listener).
     pub sip_extra: String,
+    /// The `[http]` listener (softphone, login API, SIP over WebSocket).
+    pub http: SocketAddr,
 }
 
 impl NodeConfig {
@@ -144,6 +146,7 @@ impl NodeConfig {
             trunk_outbound: SocketAddr::new(CARRIER, free_port(CARRIER)),
             log_level: "info".into(),
             sip_extra: String::new(),
+            http: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
         }
     }
 
@@ -163,6 +166,10 @@ tcp = ["{tcp}"]
 advertised_ip = "127.0.0.1"
 {sip_extra}
 
+[http]
+listen = "{http}"
+web_root = "{web_root}"
+
 [media]
 bind_ip = "127.0.0.1"
 public_ip = "127.0.0.1"
@@ -181,6 +188,8 @@ outbound = "{out}"
             rmax = self.rtp.1,
             out = self.trunk_outbound,
             sip_extra = self.sip_extra,
+            http = self.http,
+            web_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dist").display(),
         );
         std::fs::create_dir_all(dir.join("tenants")).unwrap();
         std::fs::create_dir_all(dir.join("data")).unwrap();
@@ -207,6 +216,18 @@ password = "acme1001pw"
 [[user]]
 extension = "1002"
 password = "acme1002pw"
+
+[[agent]]
+username = "alice@acme.localhost"   # demo password: alice-demo-pw
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$SXWDMYgZBkL8xvV5WL4Zag$iTJpIJXsNnKLPVDetf0lr58JenWH9weluyrIUr4ZoG8"
+extension = "1001"
+display_name = "Alice (Acme)"
+
+[[agent]]
+username = "bob@acme.localhost"     # demo password: bob-demo-pw
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$+wZzgMqgx7ayhm/VYsD7iQ$DMgNcPLQSCbYz5t7lKxsDUNZL+UTn5Agz54YDvqnAcY"
+extension = "1002"
+display_name = "Bob (Acme)"
 "#;
 
 const GLOBEX_TOML: &str = r#"id = "globex"
@@ -221,6 +242,12 @@ extension = "2001"
 [[user]]
 extension = "2001"
 password = "globex2001pw"
+
+[[agent]]
+username = "carol@globex.localhost" # demo password: carol-demo-pw
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$gWvsBqmNlmfU/n/+QPwVeQ$Px/Wuj7gxp1ZbzrjwHloP1Fr+3CQqTW4cwXUs730fi4"
+extension = "2001"
+display_name = "Carol (Globex)"
 "#;
 
 /// One line `call ended ... key=value ...` of crossbar's log.
@@ -840,6 +867,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 pub fn udp_exchange(sock: &UdpSocket, to: SocketAddr, msg: &[u8], wait: Duration) -> Option<Vec<u8>> {
     sock.send_to(msg, to).ok()?;
     collect_response(|buf| sock.recv(buf), wait)
+}
+
+/// Reads responses on `sock` until a final one (>= 200) or `wait` passes.
+pub fn collect_final(sock: &UdpSocket, wait: Duration) -> Option<Vec<u8>> {
+    collect_response(|buf| sock.recv(buf), wait).filter(|m| status_code(m).is_some_and(|c| c >= 200))
 }
 
 fn collect_response(mut recv: impl FnMut(&mut [u8]) -> std::io::Result<usize>, wait: Duration) -> Option<Vec<u8>> {
