@@ -259,7 +259,9 @@ impl TenantState {
             msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"tenant concurrent call limit\"");
             return self.node().send(m.peer, r.to_bytes());
         }
-        let media = match node.media.open_session().await {
+        // A browser leg (SIP over WebSocket) gets WebRTC media (str0m), any other plain RTP.
+        let kind = |p: Peer| if p.proto.is_websocket() { crate::media::webrtc::LegKind::WebRtc } else { crate::media::webrtc::LegKind::Plain };
+        let media = match node.media.open_session_with([kind(m.peer), kind(b_peer)]).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(tenant = %cfg.id, "no media ports: {e}");
@@ -281,6 +283,7 @@ impl TenantState {
             timers: node.timers.clone(),
             ring_timeout: Duration::from_secs(node.config.sip.ring_timeout_s),
             server_name: node.advertised_ip.to_string(),
+            sdp_adapter: media.sdp_adapter(),
         };
         let core = match B2bua::new(setup, now) {
             Ok(c) => c,

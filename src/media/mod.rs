@@ -11,6 +11,7 @@
 
 mod ports;
 mod relay;
+pub mod webrtc;
 
 use std::fmt;
 use std::io;
@@ -174,6 +175,13 @@ impl MediaEngine {
     ///
     /// `Err(MediaError::PortsExhausted)` when no two pairs can be had (answer 503).
     pub async fn open_session(&self) -> Result<MediaSession, MediaError> {
+        self.open_session_with([webrtc::LegKind::Plain; 2]).await
+    }
+
+    /// Like [`MediaEngine::open_session`], with the kind of each side's media: a
+    /// session with a WebRTC side runs a [`webrtc::Bridge`] instead of the plain relay,
+    /// and its SDP goes through [`MediaSession::sdp_adapter`].
+    pub async fn open_session_with(&self, kinds: [webrtc::LegKind; 2]) -> Result<MediaSession, MediaError> {
         let (lease_a, a_rtp, a_rtcp) = self.bind_next_pair()?;
         // On error below, lease_a and its sockets drop here and the pair goes back.
         let (lease_b, b_rtp, b_rtcp) = self.bind_next_pair()?;
@@ -191,11 +199,18 @@ impl MediaEngine {
         let v6_sockets = self.inner.cfg.bind_ip.is_ipv6();
         let inner = Arc::new(SessionInner::new(socks, v6_sockets));
         let weak = Arc::downgrade(&inner);
-        let tasks = match self.inner.mode {
-            RelayMode::PerSession => vec![tokio::spawn(relay::run(weak, None))],
-            RelayMode::PerSocket => (0..4)
-                .map(|i| tokio::spawn(relay::run(weak.clone(), Some(i))))
-                .collect(),
+        let mut bridge = None;
+        let tasks = if kinds.contains(&webrtc::LegKind::WebRtc) {
+            let shared = webrtc::BridgeShared::new(webrtc::Bridge::new(kinds, local));
+            bridge = Some(shared.clone());
+            vec![tokio::spawn(webrtc::run(inner.clone(), shared))]
+        } else {
+            match self.inner.mode {
+                RelayMode::PerSession => vec![tokio::spawn(relay::run(weak, None))],
+                RelayMode::PerSocket => (0..4)
+                    .map(|i| tokio::spawn(relay::run(weak.clone(), Some(i))))
+                    .collect(),
+            }
         };
         debug!(a = %local[0], b = %local[1], "media session opened");
         Ok(MediaSession {
@@ -204,6 +219,7 @@ impl MediaEngine {
             tasks,
             local,
             bind_ip: self.inner.cfg.bind_ip,
+            bridge,
         })
     }
 
@@ -330,6 +346,8 @@ pub struct MediaSession {
     /// Advertised RTP address facing A and facing B.
     local: [SocketAddr; 2],
     bind_ip: IpAddr,
+    /// Set when a side is WebRTC: the bridge replaces the plain relay.
+    bridge: Option<Arc<webrtc::BridgeShared>>,
 }
 
 impl fmt::Debug for MediaSession {
@@ -397,7 +415,16 @@ impl MediaSession {
     }
 
     pub fn stats(&self) -> RelayStats {
-        self.inner.stats()
+        match &self.bridge {
+            Some(b) => b.stats(),
+            None => self.inner.stats(),
+        }
+    }
+
+    /// The SDP adapter the B2BUA must use when a side is WebRTC (None: plain relay,
+    /// the B2BUA rewrites SDP itself).
+    pub fn sdp_adapter(&self) -> Option<Arc<dyn crate::sip::b2bua::SdpAdapter>> {
+        self.bridge.as_ref().map(|b| Arc::new(webrtc::BridgeSdp(b.clone())) as Arc<dyn crate::sip::b2bua::SdpAdapter>)
     }
 
     /// Stops relaying and frees the ports (same as dropping the session).
