@@ -185,6 +185,11 @@ impl TenantState {
         if !self.node().config.sip.digest_sha256_first {
             challenges.reverse();
         }
+        if m.peer.proto.is_websocket() {
+            // JsSIP 3.10 (the softphone) folds several WWW-Authenticate headers into one
+            // and keeps the last; it only knows MD5. Browsers get the MD5 challenge alone.
+            challenges.retain(|c| c.contains("algorithm=MD5"));
+        }
         for c in challenges {
             msg::push(&mut r.headers, name, c);
         }
@@ -284,6 +289,12 @@ impl TenantState {
             ring_timeout: Duration::from_secs(node.config.sip.ring_timeout_s),
             server_name: node.advertised_ip.to_string(),
             sdp_adapter: media.sdp_adapter(),
+            // RFC 3455: the number the carrier called, so the agent sees which DID rang.
+            b_extra_headers: if from_carrier {
+                vec![("P-Called-Party-ID", format!("<sip:{}@{}>", super::dispatch::normalize_did(req.uri.user().unwrap_or("")), cfg.domain))]
+            } else {
+                Vec::new()
+            },
         };
         let core = match B2bua::new(setup, now) {
             Ok(c) => c,

@@ -52,6 +52,8 @@ pub struct CallSetup {
     pub server_name: String,
     /// Set when a leg is WebRTC: all SDP goes through it.
     pub sdp_adapter: Option<std::sync::Arc<dyn SdpAdapter>>,
+    /// Extra headers of the INVITE towards the callee (e.g. `P-Called-Party-ID`: the DID).
+    pub b_extra_headers: Vec<(&'static str, String)>,
 }
 
 /// What the driver must do.
@@ -280,6 +282,7 @@ impl B2bua {
         };
         let max_fwd = msg::header(&a_req.headers, "Max-Forwards").and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(70).clamp(1, 71) - 1;
         let mut extra = vec![("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE".to_string())];
+        extra.extend(setup.b_extra_headers.iter().cloned());
         extra.retain(|_| true);
         let mut b_req = b
             .request(Method::Invite, Some(offer_b), extra)
