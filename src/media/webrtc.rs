@@ -436,11 +436,7 @@ impl Bridge {
                             tracing::debug!(?side, "WebRTC leg connected (ICE + DTLS)");
                         }
                         Event::IceConnectionStateChange(s) => tracing::debug!(?side, ?s, "WebRTC ICE state"),
-                        Event::MediaAdded(m) => {
-                            if w.mid.is_none() {
-                                w.mid = Some(m.mid);
-                            }
-                        }
+                        Event::MediaAdded(m) if w.mid.is_none() => w.mid = Some(m.mid),
                         _ => {}
                     },
                     Err(e) => {
