@@ -4,26 +4,38 @@ CARGO ?= cargo
 # Test binaries are built with test-only fault injection hooks (never in `make run`).
 TEST_FEATURES ?= fault-injection
 
-.PHONY: run test deps build check bench-cps bench-media
+.PHONY: run test deps build check bench-cps bench-media bench-webrtc web
 
-run: build
+run: build web
 	./target/release/crossbar run --config config/crossbar.toml
 
 build:
 	$(CARGO) build --release
 
-## Installs what the tests need when missing (Debian): SIPp, redis-server.
+## The softphone page (web/dist): JsSIP from npm bundled with esbuild.
+web: web/node_modules/.package-lock.json
+	cd web && node build.mjs
+
+web/node_modules/.package-lock.json: web/package-lock.json web/package.json
+	cd web && npm ci --no-audit --no-fund
+
+## Installs what the tests need when missing (Debian): SIPp, redis-server, Chromium,
+## Node.js/npm, and the web/ packages (npm ci: JsSIP, esbuild, playwright-core).
 deps:
 	@missing=""; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+	@$(MAKE) --no-print-directory web/node_modules/.package-lock.json
 
-test: deps
+test: deps web
 	$(CARGO) test --features $(TEST_FEATURES) -- --test-threads=$${TEST_THREADS:-2}
 
 check:
@@ -34,3 +46,6 @@ bench-cps: build
 
 bench-media: build
 	bench/media.sh
+
+bench-webrtc: build
+	bench/webrtc.sh

@@ -27,7 +27,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(file: &Path, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn new(file: &Path, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Self { file: file.to_path_buf(), field: field.into(), problem: problem.into(), fix: fix.into() }
     }
 }
@@ -42,6 +42,8 @@ pub struct Config {
     pub store: StoreSection,
     pub trunks: Vec<Trunk>,
     pub tenants: Vec<TenantConfig>,
+    /// `[http]`: softphone page, login API, SIP over WebSocket (none: not served).
+    pub http: Option<crate::console::HttpSection>,
 }
 
 /// Where tenant data lives.
@@ -180,6 +182,9 @@ pub struct TenantConfig {
     /// Call recording policy: `none`, `all`, or `dids` (only DIDs with `record = true`).
     #[serde(default)]
     pub recording: RecordingPolicy,
+    /// Softphone agents (login name, argon2 hash, extension).
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<crate::console::softphone::AgentConfig>,
     #[serde(skip)]
     pub file: PathBuf,
 }
@@ -360,6 +365,8 @@ struct NodeFile {
     store: StoreSection,
     #[serde(default, rename = "trunk")]
     trunks: Vec<Trunk>,
+    #[serde(default)]
+    http: Option<crate::console::HttpSection>,
     /// Directory of tenant files, relative to the node file.
     #[serde(default = "default_tenants_dir")]
     tenants_dir: PathBuf,
@@ -413,7 +420,11 @@ impl Config {
         if store.master_key_file.is_relative() {
             store.master_key_file = node.data_dir.join(&store.master_key_file);
         }
-        let config = Config { file: path.to_path_buf(), node, store, sip, media: parsed.media, trunks: parsed.trunks, tenants };
+        let mut http = parsed.http;
+        if let Some(h) = &mut http {
+            h.resolve_paths(base);
+        }
+        let config = Config { file: path.to_path_buf(), node, store, sip, media: parsed.media, trunks: parsed.trunks, tenants, http };
         config.validate()?;
         Ok(config)
     }
@@ -509,7 +520,7 @@ impl Config {
                 }
             }
         }
-        Ok(())
+        crate::console::validate(self)
     }
 
     /// The address crossbar puts into Via/Contact.

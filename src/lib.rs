@@ -8,7 +8,7 @@
 //! - [`store`]: the tenant-scoped `Store` trait (embedded redb, Redis) and the `Vault`.
 //! - [`crypto`]: master key and per-tenant data keys (envelope encryption).
 //! - [`cdr`]: call detail records and the tenant event stream.
-//! - [`console`]: administration (the local admin socket used by the CLI).
+//! - [`console`]: the admin socket used by the CLI; HTTP: the softphone page, its login API, SIP over WebSocket.
 //! - [`actors`]: the ractor supervision tree: node, tenants, calls; `dispatch` routes received SIP.
 #![forbid(unsafe_code)]
 

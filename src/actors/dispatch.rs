@@ -14,6 +14,15 @@ use rsipstack::sip::{Method, SipMessage};
 use std::sync::atomic::Ordering;
 
 impl Sink for Node {
+    /// A WebSocket closed: every tenant drops the registrations made over it
+    /// (RFC 7118 §5: a browser can only be reached on its own connection).
+    fn on_closed(&self, peer: Peer) {
+        let tenants: Vec<_> = self.routing.read().by_domain.values().cloned().collect();
+        for t in tenants {
+            let _ = t.actor.cast(TenantMsg::ConnectionClosed(peer));
+        }
+    }
+
     fn on_message(&self, bytes: &[u8], peer: Peer) {
         let host = self.advertised_ip.to_string();
         let incoming = match Incoming::parse(bytes, peer) {

@@ -181,6 +181,7 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
         .await
         .map_err(|e| format!("cannot open the admin socket in {}: {e}", node.config.node.data_dir.display()))?;
     transports.start(node.clone());
+    crate::console::http::start(node.clone()).await?;
     Ok((node, sup))
 }
 

@@ -36,6 +36,8 @@ pub enum TenantMsg {
     /// The one way to change a tenant at runtime: validated against its plan,
     /// stored, and in effect from the next call. Replies with the new limits.
     Update(TenantUpdate, RpcReplyPort<Result<Limits, String>>),
+    /// A connection closed (SIP over WebSocket): its registrations go.
+    ConnectionClosed(Peer),
     /// Test-only: make this tenant actor panic.
     #[cfg(feature = "fault-injection")]
     Panic,
@@ -141,6 +143,12 @@ impl Actor for Tenant {
                     _ => {}
                 }
             }
+            TenantMsg::ConnectionClosed(peer) => {
+                let n = state.args.registrar.lock().remove_peer(peer);
+                if n > 0 {
+                    tracing::info!(tenant = %state.cfg.id, "{n} registrations removed: their WebSocket closed");
+                }
+            }
             TenantMsg::Tick => {
                 let n = state.args.registrar.lock().purge(Instant::now());
                 if n > 0 {
@@ -239,12 +247,19 @@ impl TenantState {
             NonceCheck::Stale => return Auth::Challenge { stale: true },
             NonceCheck::Invalid => return Auth::Challenge { stale: false },
         }
-        let Some(password) = self.passwords.get(&creds.username) else { return Auth::Refused("wrong user name or password") };
-        if !auth::verify(&creds, req.method.to_string().as_str(), password) {
+        // A configured SIP password, or short-lived softphone credentials (`EXT~EXPIRY`).
+        let (user, password) = match self.passwords.get(&creds.username) {
+            Some(p) => (creds.username.clone(), p.clone()),
+            None => match crate::console::softphone::ephemeral_password(&self.node().nonces, &self.cfg.id, &creds.username, SystemTime::now()) {
+                Some((ext, p)) if self.passwords.contains_key(&ext) => (ext, p),
+                _ => return Auth::Refused("wrong user name or password"),
+            },
+        };
+        if !auth::verify(&creds, req.method.to_string().as_str(), &password) {
             return Auth::Refused("wrong user name or password");
         }
         let _ = m;
-        Auth::User(creds.username.clone())
+        Auth::User(user)
     }
 
     fn challenge(&self, m: &Incoming, req: &Request, code: u16, stale: bool) {
@@ -255,6 +270,11 @@ impl TenantState {
         let mut challenges = auth::challenges(realm, &nonce, stale);
         if !self.node().config.sip.digest_sha256_first {
             challenges.reverse();
+        }
+        if m.peer.proto.is_websocket() {
+            // JsSIP 3.10 (the softphone) folds several WWW-Authenticate headers into one
+            // and keeps the last; it only knows MD5. Browsers get the MD5 challenge alone.
+            challenges.retain(|c| c.contains("algorithm=MD5"));
         }
         for c in challenges {
             msg::push(&mut r.headers, name, c);
@@ -352,7 +372,9 @@ impl TenantState {
             let what = format!("tenant call rate limit ({} calls/s)", self.limits.calls_per_second);
             return self.refuse_limit(&m, &req, &what);
         }
-        let media = match node.media.open_session().await {
+        // A browser leg (SIP over WebSocket) gets WebRTC media (str0m), any other plain RTP.
+        let kind = |p: Peer| if p.proto.is_websocket() { crate::media::webrtc::LegKind::WebRtc } else { crate::media::webrtc::LegKind::Plain };
+        let media = match node.media.open_session_with([kind(m.peer), kind(b_peer)]).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(tenant = %cfg.id, "no media ports: {e}");
@@ -374,6 +396,13 @@ impl TenantState {
             timers: node.timers,
             ring_timeout: Duration::from_secs(node.config.sip.ring_timeout_s),
             server_name: node.advertised_ip.to_string(),
+            sdp_adapter: media.sdp_adapter(),
+            // RFC 3455: the number the carrier called, so the agent sees which DID rang.
+            b_extra_headers: if from_carrier {
+                vec![("P-Called-Party-ID", format!("<sip:{}@{}>", super::dispatch::normalize_did(req.uri.user().unwrap_or("")), cfg.domain))]
+            } else {
+                Vec::new()
+            },
         };
         let core = match B2bua::new(setup, now) {
             Ok(c) => c,

@@ -25,6 +25,7 @@ mod g711;
 mod ports;
 mod recording;
 mod relay;
+pub mod webrtc;
 
 use std::fmt;
 use std::io;
@@ -193,6 +194,13 @@ impl MediaEngine {
     ///
     /// `Err(MediaError::PortsExhausted)` when no two pairs can be had (answer 503).
     pub async fn open_session(&self) -> Result<MediaSession, MediaError> {
+        self.open_session_with([webrtc::LegKind::Plain; 2]).await
+    }
+
+    /// Like [`MediaEngine::open_session`], with the kind of each side's media: a
+    /// session with a WebRTC side runs a [`webrtc::Bridge`] instead of the plain relay,
+    /// and its SDP goes through [`MediaSession::sdp_adapter`].
+    pub async fn open_session_with(&self, kinds: [webrtc::LegKind; 2]) -> Result<MediaSession, MediaError> {
         let (lease_a, a_rtp, a_rtcp) = self.bind_next_pair()?;
         // On error below, lease_a and its sockets drop here and the pair goes back.
         let (lease_b, b_rtp, b_rtcp) = self.bind_next_pair()?;
@@ -210,11 +218,18 @@ impl MediaEngine {
         let v6_sockets = self.inner.cfg.bind_ip.is_ipv6();
         let inner = Arc::new(SessionInner::new(socks, v6_sockets));
         let weak = Arc::downgrade(&inner);
-        let tasks = match self.inner.mode {
-            RelayMode::PerSession => vec![tokio::spawn(relay::run(weak, None))],
-            RelayMode::PerSocket => (0..4)
-                .map(|i| tokio::spawn(relay::run(weak.clone(), Some(i))))
-                .collect(),
+        let mut bridge = None;
+        let tasks = if kinds.contains(&webrtc::LegKind::WebRtc) {
+            let shared = webrtc::BridgeShared::new(webrtc::Bridge::new(kinds, local));
+            bridge = Some(shared.clone());
+            vec![tokio::spawn(webrtc::run(inner.clone(), shared))]
+        } else {
+            match self.inner.mode {
+                RelayMode::PerSession => vec![tokio::spawn(relay::run(weak, None))],
+                RelayMode::PerSocket => (0..4)
+                    .map(|i| tokio::spawn(relay::run(weak.clone(), Some(i))))
+                    .collect(),
+            }
         };
         debug!(a = %local[0], b = %local[1], "media session opened");
         Ok(MediaSession {
@@ -224,6 +239,7 @@ impl MediaEngine {
             local,
             bind_ip: self.inner.cfg.bind_ip,
             recording: Mutex::new(None),
+            bridge,
         })
     }
 
@@ -352,6 +368,8 @@ pub struct MediaSession {
     bind_ip: IpAddr,
     /// The recording in progress, if any.
     recording: Mutex<Option<RecordingControl>>,
+    /// Set when a side is WebRTC: the bridge replaces the plain relay.
+    bridge: Option<Arc<webrtc::BridgeShared>>,
 }
 
 /// The session's end of a recording in progress: per side (A, B), the line on which
@@ -425,7 +443,16 @@ impl MediaSession {
     }
 
     pub fn stats(&self) -> RelayStats {
-        self.inner.stats()
+        match &self.bridge {
+            Some(b) => b.stats(),
+            None => self.inner.stats(),
+        }
+    }
+
+    /// The SDP adapter the B2BUA must use when a side is WebRTC (None: plain relay,
+    /// the B2BUA rewrites SDP itself).
+    pub fn sdp_adapter(&self) -> Option<Arc<dyn crate::sip::b2bua::SdpAdapter>> {
+        self.bridge.as_ref().map(|b| Arc::new(webrtc::BridgeSdp(b.clone())) as Arc<dyn crate::sip::b2bua::SdpAdapter>)
     }
 
     /// Starts recording both directions from now on: the G.711 audio (PCMU, PCMA) of

@@ -174,6 +174,14 @@ impl SessionInner {
         }
     }
 
+    /// `addr` as these sockets need it (v4-mapped when they are AF_INET6).
+    pub(crate) fn v6_dest(&self, addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V4(v4) if self.v6_sockets => SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
+            a => a,
+        }
+    }
+
     fn to_sock_addr(&self, addr: SocketAddr) -> SockAddr {
         match addr {
             SocketAddr::V4(v4) if self.v6_sockets => {

@@ -16,6 +16,16 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// SDP for calls with a WebRTC leg: the media session rewrites it (str0m for the
+/// browser side), synchronously. Plain calls have none and keep the B2BUA's own
+/// rewriting ([`Sdp::rewrite_offer`] / [`Sdp::rewrite_answer`]).
+pub trait SdpAdapter: Send + Sync + std::fmt::Debug {
+    /// `from` sent an offer: the offer to send to the other side (Err: 488 with the text).
+    fn offer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String>;
+    /// `from` answered: the answer to send to the other side.
+    fn answer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String>;
+}
+
 /// Everything a call needs to start, decided by its tenant (routing, caller id).
 #[derive(Debug, Clone)]
 pub struct CallSetup {
@@ -40,6 +50,10 @@ pub struct CallSetup {
     pub ring_timeout: Duration,
     /// Host named in Warning headers.
     pub server_name: String,
+    /// Set when a leg is WebRTC: all SDP goes through it.
+    pub sdp_adapter: Option<std::sync::Arc<dyn SdpAdapter>>,
+    /// Extra headers of the INVITE towards the callee (e.g. `P-Called-Party-ID`: the DID).
+    pub b_extra_headers: Vec<(&'static str, String)>,
 }
 
 /// What the driver must do.
@@ -217,6 +231,7 @@ pub struct B2bua {
     ring_deadline: Option<Instant>,
     out: VecDeque<CallOutput>,
     ended: Option<EndInfo>,
+    sdp_adapter: Option<std::sync::Arc<dyn SdpAdapter>>,
 }
 
 /// Why a call could not even start; the caller gets this status.
@@ -230,12 +245,17 @@ impl B2bua {
     /// Starts the call: answers 100 to A and sends the INVITE to B.
     pub fn new(setup: CallSetup, now: Instant) -> Result<B2bua, Refusal> {
         let a_req = &setup.a_invite;
-        let sdp_a = if a_req.body.is_empty() {
+        if a_req.body.is_empty() {
             return Err(Refusal { code: 488, reason: "crossbar needs an SDP offer in the INVITE (late offer is not supported)".into() });
-        } else {
-            Sdp::parse(&a_req.body).map_err(|e| Refusal { code: 488, reason: format!("invalid SDP offer: {e}") })?
+        }
+        let (offer_b, a_media) = match &setup.sdp_adapter {
+            Some(adapter) => (adapter.offer(Side::A, &a_req.body).map_err(|e| Refusal { code: 488, reason: format!("SDP offer not acceptable: {e}") })?, None),
+            None => {
+                let sdp_a = Sdp::parse(&a_req.body).map_err(|e| Refusal { code: 488, reason: format!("invalid SDP offer: {e}") })?;
+                let offer = sdp_a.rewrite_offer(setup.media_b).map_err(|e| Refusal { code: 488, reason: format!("SDP offer not acceptable: {e}") })?;
+                (offer, sdp_a.audio_rtp().map(|rtp| (rtp, sdp_a.audio_rtcp())))
+            }
         };
-        let offer_b = sdp_a.rewrite_offer(setup.media_b).map_err(|e| Refusal { code: 488, reason: format!("SDP offer not acceptable: {e}") })?;
 
         let hv = |n: &str| msg::header(&a_req.headers, n).unwrap_or("").to_string();
         let a_tag = new_tag();
@@ -267,6 +287,7 @@ impl B2bua {
         };
         let max_fwd = msg::header(&a_req.headers, "Max-Forwards").and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(70).clamp(1, 71) - 1;
         let mut extra = vec![("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE".to_string())];
+        extra.extend(setup.b_extra_headers.iter().cloned());
         extra.retain(|_| true);
         let mut b_req = b
             .request(Method::Invite, Some(offer_b), extra)
@@ -303,9 +324,10 @@ impl B2bua {
             ring_deadline: Some(now + setup.ring_timeout),
             out: VecDeque::new(),
             ended: None,
+            sdp_adapter: setup.sdp_adapter.clone(),
         };
-        if let Some(rtp) = sdp_a.audio_rtp() {
-            call.out.push_back(CallOutput::Media { side: Side::A, rtp, rtcp: sdp_a.audio_rtcp() });
+        if let Some((rtp, rtcp)) = a_media {
+            call.out.push_back(CallOutput::Media { side: Side::A, rtp, rtcp });
         }
         call.pump(now);
         Ok(call)
@@ -504,7 +526,17 @@ impl B2bua {
     fn relay_request(&mut self, side: Side, id: u64, mut tx: ServerTx, req: Request, now: Instant) {
         let to = other(side);
         let mut body = None;
-        if !req.body.is_empty() && is_sdp(&req) {
+        if !req.body.is_empty() && is_sdp(&req) && self.sdp_adapter.is_some() {
+            let adapter = self.sdp_adapter.clone().expect("checked");
+            match adapter.offer(side, &req.body) {
+                Ok(b) => body = Some(b),
+                Err(e) => {
+                    tx.respond(msg::refusal(&req, 488, None, &self.setup_server, &format!("SDP not acceptable: {e}")), now);
+                    self.servers.push(Server { id, side, tx, answered: true });
+                    return;
+                }
+            }
+        } else if !req.body.is_empty() && is_sdp(&req) {
             match Sdp::parse(&req.body).and_then(|sdp| {
                 let local = self.local_media(to);
                 let rewritten = sdp.rewrite_offer(local)?;
@@ -798,7 +830,13 @@ impl B2bua {
         let req = self.servers[pos].tx.request().clone();
         let mut out = msg::response_to(&req, code, None);
         if let Some(r) = &resp {
-            if !r.body.is_empty() && is_sdp_resp(r) {
+            if !r.body.is_empty() && is_sdp_resp(r) && self.sdp_adapter.is_some() {
+                let adapter = self.sdp_adapter.clone().expect("checked");
+                match adapter.answer(side, &r.body) {
+                    Ok(body) => msg::set_body(&mut out.headers, &mut out.body, Some("application/sdp"), body),
+                    Err(e) => tracing::debug!("relayed response SDP unusable: {e}"),
+                }
+            } else if !r.body.is_empty() && is_sdp_resp(r) {
                 match Sdp::parse(&r.body).and_then(|sdp| {
                     let local = self.local_media(orig_side);
                     Ok((sdp.rewrite_answer(local)?, sdp))
@@ -828,7 +866,14 @@ impl B2bua {
     }
 
     /// The callee's SDP → media address for B, rewritten for A.
-    fn answer_sdp(&mut self, body: &[u8]) -> Result<Vec<u8>, super::sdp::SdpError> {
+    fn answer_sdp(&mut self, body: &[u8]) -> Result<Vec<u8>, String> {
+        if let Some(adapter) = &self.sdp_adapter {
+            return adapter.answer(Side::B, body);
+        }
+        self.answer_sdp_plain(body).map_err(|e| e.to_string())
+    }
+
+    fn answer_sdp_plain(&mut self, body: &[u8]) -> Result<Vec<u8>, super::sdp::SdpError> {
         let sdp = Sdp::parse(body)?;
         let rewritten = sdp.rewrite_answer(self.media_a)?;
         if let Some(rtp) = sdp.audio_rtp() {

@@ -8,3 +8,4 @@ pub mod registrar;
 pub mod sdp;
 pub mod transaction;
 pub mod transport;
+pub mod websocket;

@@ -16,6 +16,10 @@ pub enum Proto {
     Udp,
     Tcp,
     Tls,
+    /// SIP over WebSocket (RFC 7118), on the HTTP port.
+    Ws,
+    /// SIP over secure WebSocket.
+    Wss,
 }
 
 impl Proto {
@@ -24,16 +28,24 @@ impl Proto {
             Proto::Udp => "UDP",
             Proto::Tcp => "TCP",
             Proto::Tls => "TLS",
+            Proto::Ws => "WS",
+            Proto::Wss => "WSS",
         }
     }
     pub fn reliable(self) -> bool {
         !matches!(self, Proto::Udp)
+    }
+    /// A browser's transport: its media is WebRTC (ICE, DTLS-SRTP), never plain RTP.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Proto::Ws | Proto::Wss)
     }
     pub fn param(self) -> &'static str {
         match self {
             Proto::Udp => "udp",
             Proto::Tcp => "tcp",
             Proto::Tls => "tls",
+            Proto::Ws => "ws",
+            Proto::Wss => "wss",
         }
     }
 }

@@ -115,6 +115,18 @@ impl Registrar {
         v
     }
 
+    /// Drops every binding reached through `peer` (its WebSocket closed); returns how many.
+    pub fn remove_peer(&mut self, peer: Peer) -> usize {
+        let mut n = 0;
+        self.bindings.retain(|_, l| {
+            let before = l.len();
+            l.retain(|b| b.peer != peer);
+            n += before - l.len();
+            !l.is_empty()
+        });
+        n
+    }
+
     /// Drops expired bindings (called periodically).
     pub fn purge(&mut self, now: Instant) -> usize {
         let mut n = 0;

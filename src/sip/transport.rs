@@ -19,6 +19,8 @@ const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Receives every message (one datagram / one framed TCP message).
 pub trait Sink: Send + Sync + 'static {
     fn on_message(&self, bytes: &[u8], peer: Peer);
+    /// A connection-oriented peer is gone (WebSocket closed): its registrations go with it.
+    fn on_closed(&self, _peer: Peer) {}
 }
 
 /// The node's SIP sockets; cheap to share.
@@ -32,6 +34,8 @@ pub struct Transports {
     conns: DashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     /// Where received messages go; set once by [`Transports::start`].
     sink: std::sync::OnceLock<Arc<dyn Sink>>,
+    /// The HTTP port (SIP over WS) and WSS port, once the HTTP server is up (Via/Contact).
+    ws_ports: std::sync::OnceLock<(u16, Option<u16>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +58,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn tls_acceptor(t: &TlsSettings) -> Result<tokio_rustls::TlsAcceptor, TransportError> {
+pub(crate) fn tls_acceptor(t: &TlsSettings) -> Result<tokio_rustls::TlsAcceptor, TransportError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let err = |path: &std::path::Path, why: String| TransportError::Tls { path: path.display().to_string(), why };
@@ -104,6 +108,7 @@ impl Transports {
             tcp_local,
             conns: DashMap::new(),
             sink: std::sync::OnceLock::new(),
+            ws_ports: std::sync::OnceLock::new(),
         }))
     }
 
@@ -125,6 +130,8 @@ impl Transports {
             Proto::Udp => self.udp_port().or(self.tcp_port()),
             Proto::Tcp => self.tcp_port().or(self.udp_port()),
             Proto::Tls => self.tls_port().or(self.tcp_port()),
+            Proto::Ws => self.ws_ports.get().map(|p| p.0),
+            Proto::Wss => self.ws_ports.get().map(|p| p.1.unwrap_or(p.0)),
         }
         .unwrap_or(5060)
     }
@@ -132,6 +139,26 @@ impl Transports {
     /// Whether a stream connection to `addr` is open.
     pub fn has_connection(&self, addr: SocketAddr) -> bool {
         self.conns.contains_key(&addr)
+    }
+
+    /// Records the ports SIP over WebSocket is served on (by the HTTP server).
+    pub fn set_ws_ports(&self, ws: u16, wss: Option<u16>) {
+        let _ = self.ws_ports.set((ws, wss));
+    }
+
+    /// A connection the HTTP server accepted (SIP over WebSocket): what is sent to
+    /// `addr` goes down `tx` until [`Transports::detach`].
+    pub fn attach(&self, addr: SocketAddr, tx: mpsc::UnboundedSender<Vec<u8>>) {
+        self.conns.insert(addr, tx);
+    }
+
+    pub fn detach(&self, addr: SocketAddr, tx: &mpsc::UnboundedSender<Vec<u8>>) {
+        self.conns.remove_if(&addr, |_, v| v.same_channel(tx));
+    }
+
+    /// The sink received messages go to (the node), for transports started elsewhere.
+    pub fn message_sink(&self) -> Arc<dyn Sink> {
+        self.sink()
     }
 
     /// Starts the receive loops; runs until the process ends.
@@ -211,7 +238,7 @@ impl Transports {
                     Err(e) => tracing::debug!("UDP send to {} failed: {e}", peer.addr),
                 }
             }
-            Proto::Tcp | Proto::Tls => {
+            Proto::Tcp | Proto::Tls | Proto::Ws | Proto::Wss => {
                 if let Some(tx) = self.conns.get(&peer.addr) {
                     if tx.send(bytes).is_ok() {
                         return;
@@ -221,9 +248,10 @@ impl Transports {
                     tracing::debug!("TCP connection to {} is gone", peer.addr);
                     return;
                 }
-                if peer.proto == Proto::Tls {
-                    // crossbar only answers on TLS connections peers opened (no outbound TLS yet).
-                    tracing::debug!("no TLS connection to {}", peer.addr);
+                if peer.proto != Proto::Tcp {
+                    // crossbar only uses TLS and WebSocket connections peers opened (a
+                    // browser cannot be connected to; no outbound TLS yet).
+                    tracing::debug!("no {} connection to {}", peer.proto.via_name(), peer.addr);
                     return;
                 }
                 let me = self.clone();

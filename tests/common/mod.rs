@@ -134,6 +134,8 @@ pub struct NodeConfig {
     /// Extra top-level lines for each demo tenant's file (plan, limits).
     pub acme_extra: String,
     pub globex_extra: String,
+    /// The `[http]` listener (softphone, login API, SIP over WebSocket).
+    pub http: SocketAddr,
 }
 
 impl NodeConfig {
@@ -149,6 +151,7 @@ impl NodeConfig {
             sip_extra: String::new(),
             acme_extra: String::new(),
             globex_extra: String::new(),
+            http: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
         }
     }
 
@@ -168,6 +171,10 @@ tcp = ["{tcp}"]
 advertised_ip = "127.0.0.1"
 {sip_extra}
 
+[http]
+listen = "{http}"
+web_root = "{web_root}"
+
 [media]
 bind_ip = "127.0.0.1"
 public_ip = "127.0.0.1"
@@ -186,6 +193,8 @@ outbound = "{out}"
             rmax = self.rtp.1,
             out = self.trunk_outbound,
             sip_extra = self.sip_extra,
+            http = self.http,
+            web_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dist").display(),
         );
         std::fs::create_dir_all(dir.join("tenants")).unwrap();
         std::fs::create_dir_all(dir.join("data")).unwrap();
@@ -226,6 +235,18 @@ password = "acme1001pw"
 [[user]]
 extension = "1002"
 password = "acme1002pw"
+
+[[agent]]
+username = "alice@acme.localhost"   # demo password: alice-demo-pw
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$SXWDMYgZBkL8xvV5WL4Zag$iTJpIJXsNnKLPVDetf0lr58JenWH9weluyrIUr4ZoG8"
+extension = "1001"
+display_name = "Alice (Acme)"
+
+[[agent]]
+username = "bob@acme.localhost"     # demo password: bob-demo-pw
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$+wZzgMqgx7ayhm/VYsD7iQ$DMgNcPLQSCbYz5t7lKxsDUNZL+UTn5Agz54YDvqnAcY"
+extension = "1002"
+display_name = "Bob (Acme)"
 "#;
 
 const GLOBEX_TOML: &str = r#"id = "globex"
@@ -240,6 +261,12 @@ extension = "2001"
 [[user]]
 extension = "2001"
 password = "globex2001pw"
+
+[[agent]]
+username = "carol@globex.localhost" # demo password: carol-demo-pw
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$gWvsBqmNlmfU/n/+QPwVeQ$Px/Wuj7gxp1ZbzrjwHloP1Fr+3CQqTW4cwXUs730fi4"
+extension = "2001"
+display_name = "Carol (Globex)"
 "#;
 
 /// One line `call ended ... key=value ...` of crossbar's log.
@@ -905,6 +932,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 pub fn udp_exchange(sock: &UdpSocket, to: SocketAddr, msg: &[u8], wait: Duration) -> Option<Vec<u8>> {
     sock.send_to(msg, to).ok()?;
     collect_response(|buf| sock.recv(buf), wait)
+}
+
+/// Reads responses on `sock` until a final one (>= 200) or `wait` passes.
+pub fn collect_final(sock: &UdpSocket, wait: Duration) -> Option<Vec<u8>> {
+    collect_response(|buf| sock.recv(buf), wait).filter(|m| status_code(m).is_some_and(|c| c >= 200))
 }
 
 fn collect_response(mut recv: impl FnMut(&mut [u8]) -> std::io::Result<usize>, wait: Duration) -> Option<Vec<u8>> {

@@ -345,6 +345,8 @@ fn default_setup() -> CallSetup {
         timers: TimerConfig::default(),
         ring_timeout: Duration::from_secs(60),
         server_name: "192.0.2.1".into(),
+        sdp_adapter: None,
+        b_extra_headers: Vec::new(),
     }
 }
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# WebRTC <-> RTP bridged calls: N str0m "browsers" (examples/webrtc_load.rs; full ICE,
+# DTLS-SRTP, 20 ms PCMA both ways) call an external number over SIP/WebSocket; crossbar
+# bridges each to plain RTP towards a SIPp carrier that echoes RTP back. While all N
+# calls are up it measures crossbar's CPU per call (% of one core) and RSS per call,
+# and loss (sent by the clients vs. echoed back through both bridge directions).
+# The plain RTP relay figure of the same machine is measured in the same run
+# (bench/media.sh with ONLY=crossbar and the same N) as the baseline.
+#
+# usage: bench/webrtc.sh [N]      (default 300)
+# env:   HOLD_S (call length, default 40), WINDOW_S (CPU window, default 15),
+#        RATE (calls per second, default 50), SKIP_PLAIN=1 (no baseline)
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+N=${1:-300}
+HOLD_S=${HOLD_S:-40}
+WINDOW_S=${WINDOW_S:-15}
+RATE=${RATE:-50}
+WORK=$(mktemp -d /tmp/crossbar-bench-webrtc.XXXXXX)
+CHILDREN=()
+trap 'for p in "${CHILDREN[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+echo "bench: files in $WORK; $N WebRTC<->RTP calls, $HOLD_S s each, window $WINDOW_S s"
+
+BIN=$(crossbar_bin)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+(cd "$ROOT" && cargo build --release --quiet --example webrtc_load) || { echo "bench: building the load client failed" >&2; exit 1; }
+LOAD="$TARGET/release/examples/webrtc_load"
+
+SIP=$(free_port 127.0.0.1)
+HTTP=$(free_port 127.0.0.1)
+TRUNK=$(free_port 127.0.0.2)
+RTP=$(( 20000 + (RANDOM % 10) * 2000 ))
+write_config "$WORK/node" "$SIP" "$RTP" $(( RTP + 19999 )) "$TRUNK" "warn,crossbar::actors::call=info"
+cat >> "$WORK/node/crossbar.toml" <<TOML
+
+[http]
+listen = "127.0.0.1:$HTTP"
+web_root = "$ROOT/web/dist"
+TOML
+start_crossbar "$BIN" "$WORK/node"; CHILDREN+=("$CB_PID")
+
+"$SIPP" -sf "$ROOT/tests/sipp/uas_echo_bench.xml" -i 127.0.0.2 -p "$TRUNK" \
+    -mi 127.0.0.2 -mp "$(free_port 127.0.0.2)" -rtp_echo -buff_size 4194304 \
+    -timeout $(( N / RATE + HOLD_S + 60 ))s -trace_err -error_file "$WORK/uas_errors.log" > "$WORK/uas.out" 2>&1 &
+UAS=$!; CHILDREN+=("$UAS")
+sleep 0.5
+
+echo "== str0m browsers -> SIP/WS -> crossbar (WebRTC<->RTP bridge) -> SIPp carrier (RTP echo)"
+"$LOAD" "127.0.0.1:$HTTP" "$CB_PID" "$N" "$HOLD_S" "$RATE" "$WINDOW_S" 2> "$WORK/load.err" | tee "$WORK/load.out"
+kill "$UAS" 2>/dev/null || true
+RESULT=$(grep '^RESULT' "$WORK/load.out" || true)
+[[ -n $RESULT ]] || { echo "bench: load client failed:" >&2; tail -20 "$WORK/load.err" >&2; exit 1; }
+kv() { echo "$RESULT" | tr ' ' '\n' | awk -F= -v k="$1" '$1==k {print $2}'; }
+printf '  crossbar CPU:  %s%% of one core = %s%% per bridged call (target <= 0.1%%)\n' "$(kv cpu_pct)" "$(kv cpu_pct_per_call)"
+printf '  crossbar RSS:  %s kB idle, %s kB loaded = %s kB per call\n' "$(kv rss_kb_idle)" "$(kv rss_kb_loaded)" "$(kv rss_kb_per_call)"
+printf '  loss:          %s%% (%s sent, %s echoed back; target 0)\n' "$(kv loss_pct)" "$(kv sent)" "$(kv received)"
+kill "$CB_PID" 2>/dev/null || true
+
+if [[ -z "${SKIP_PLAIN:-}" ]]; then
+    echo "== baseline in the same run: plain RTP relay, $N calls (bench/media.sh)"
+    ONLY=crossbar HOLD_S=$WINDOW_S CROSSBAR_BIN="$BIN" "$ROOT/bench/media.sh" "$N" | grep -E 'crossbar (CPU|RSS)|calls ok|loss' || true
+fi
