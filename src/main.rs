@@ -199,7 +199,6 @@ fn run(config: Config) -> ExitCode {
             }
         };
         println!("crossbar ready: {summary}");
-        let _ = node;
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
             Err(_) => return ExitCode::FAILURE,
@@ -209,6 +208,9 @@ fn run(config: Config) -> ExitCode {
             _ = term.recv() => {},
         }
         eprintln!("crossbar: shutting down");
+        if let Err(e) = node.writer.flush().await {
+            eprintln!("crossbar: could not flush the last records: {e}");
+        }
         ExitCode::SUCCESS
     })
 }

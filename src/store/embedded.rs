@@ -134,13 +134,16 @@ impl Store for EmbeddedStore {
         "embedded"
     }
 
-    async fn write_batch(&self, ops: Vec<BatchOp>) -> Result<(), StoreError> {
-        if ops.is_empty() {
+    async fn write_batch(&self, ops: Vec<BatchOp>, sync: bool) -> Result<(), StoreError> {
+        // An empty synced batch still commits: it makes earlier unsynced commits durable.
+        if ops.is_empty() && !sync {
             return Ok(());
         }
         self.run(move |db| {
             let e = |e: redb::StorageError| StoreError::embedded("write_batch", e);
-            let tx = db.begin_write().map_err(|e| StoreError::embedded("write_batch", e))?;
+            let mut tx = db.begin_write().map_err(|e| StoreError::embedded("write_batch", e))?;
+            // Eventual: written to the file (safe from a killed process), fsynced by the next Immediate commit.
+            tx.set_durability(if sync { redb::Durability::Immediate } else { redb::Durability::Eventual });
             {
                 let mut records = tx.open_table(RECORDS).map_err(|e| StoreError::embedded("write_batch", e))?;
                 let mut events = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("write_batch", e))?;

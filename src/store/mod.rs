@@ -428,10 +428,13 @@ pub trait Store: Send + Sync + 'static {
     /// Short backend name for logs ("embedded", "redis").
     fn backend(&self) -> &'static str;
 
-    /// Applies many writes at once (group commit: one durable transaction on the
-    /// embedded backend). Durable when it returns, like `put`. Backends without a
-    /// cheaper way apply the ops one by one, in order.
-    async fn write_batch(&self, ops: Vec<BatchOp>) -> Result<(), StoreError> {
+    /// Applies many writes at once (group commit: one transaction on the embedded
+    /// backend). With `sync`, durable when it returns, like `put`; without, the
+    /// data reaches the operating system (it survives the process being killed)
+    /// and the disk at the next synced commit. Backends without a cheaper way
+    /// apply the ops one by one, in order.
+    async fn write_batch(&self, ops: Vec<BatchOp>, sync: bool) -> Result<(), StoreError> {
+        let _ = sync;
         for op in ops {
             match op {
                 BatchOp::Put(k, v) => self.put(&k, v).await?,

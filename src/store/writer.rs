@@ -34,6 +34,11 @@ impl RecordWriter {
         rx
     }
 
+    /// Resolves once everything queued before is durable.
+    pub async fn flush(&self) -> Result<(), String> {
+        self.write(Vec::new()).await.unwrap_or_else(|_| Err("the record writer has stopped".into()))
+    }
+
     /// Queues ops without waiting.
     pub fn write_detached(&self, ops: Vec<BatchOp>) {
         if self.tx.send((ops, None)).is_err() {
@@ -42,8 +47,29 @@ impl RecordWriter {
     }
 }
 
+/// Unsynced writes are made durable at least this often.
+const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Vec<BatchOp>, Option<Ack>)>) {
-    while let Some(first) = rx.recv().await {
+    let mut tick = tokio::time::interval(SYNC_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = false;
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = tick.tick() => {
+                if dirty {
+                    match store.write_batch(Vec::new(), true).await {
+                        Ok(()) => dirty = false,
+                        Err(e) => tracing::warn!("periodic sync of records failed: {e}"),
+                    }
+                }
+                continue;
+            }
+        };
         let mut ops = first.0;
         let mut acks: Vec<Ack> = first.1.into_iter().collect();
         while ops.len() < MAX_BATCH {
@@ -56,7 +82,11 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Vec<BatchOp
             }
         }
         let n = ops.len();
-        let result = write_with_retry(&*store, ops).await;
+        // Synced only when someone waits for durability (a call's CDR at start);
+        // the rest is fsynced by the next synced commit.
+        let sync = !acks.is_empty();
+        let result = write_with_retry(&*store, ops, sync).await;
+        dirty = !sync || (dirty && result.is_err());
         if let Err(e) = &result {
             tracing::error!("cannot write {n} records: {e}");
         }
@@ -67,11 +97,11 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Vec<BatchOp
     }
 }
 
-async fn write_with_retry(store: &dyn Store, ops: Vec<BatchOp>) -> Result<(), StoreError> {
+async fn write_with_retry(store: &dyn Store, ops: Vec<BatchOp>, sync: bool) -> Result<(), StoreError> {
     let mut delay = std::time::Duration::from_millis(20);
     let mut attempt = 1;
     loop {
-        match store.write_batch(ops.clone()).await {
+        match store.write_batch(ops.clone(), sync).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 5 => {
                 tracing::warn!("record batch failed (attempt {attempt}): {e}; retrying");
