@@ -7,7 +7,7 @@ use super::node::Node;
 use crate::cdr::{self, Cdr, CdrState, Event};
 use crate::media::{MediaSession, Side};
 use crate::store::ScopedStore;
-use crate::sip::b2bua::{B2bua, CallOutput, EndInfo};
+use crate::sip::b2bua::{B2bua, CallOutput, CallSetup, EndInfo};
 use crate::sip::msg::{Incoming, Peer};
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -25,8 +25,11 @@ pub enum CallMsg {
 /// The call's state, shared with its tenant so that the tenant can still hang
 /// the call up cleanly if the actor fails (a panic leaves the data in place).
 pub struct CallShared {
-    pub core: B2bua,
+    /// The call logic; `None` until the call has its media (its first step).
+    pub core: Option<B2bua>,
     pub media: Option<MediaSession>,
+    pub a_call_id: String,
+    pub b_call_id: String,
     pub a_peer: Peer,
     pub b_peer: Peer,
     pub tenant: String,
@@ -41,9 +44,10 @@ pub struct CallShared {
 }
 
 impl CallShared {
-    pub fn new(core: B2bua, media: MediaSession, a_peer: Peer, b_peer: Peer, cdr: Cdr, store: ScopedStore, recording: Option<RecordingBudget>) -> Self {
+    /// A call admitted by its tenant, before it has media and call logic.
+    pub fn new(a_call_id: String, b_call_id: String, a_peer: Peer, b_peer: Peer, cdr: Cdr, store: ScopedStore) -> Self {
         let tenant = cdr.tenant.clone();
-        Self { core, media: Some(media), a_peer, b_peer, tenant, started: Instant::now(), end: None, released: false, cdr, store, recording }
+        Self { core: None, media: None, a_call_id, b_call_id, a_peer, b_peer, tenant, started: Instant::now(), end: None, released: false, cdr, store, recording: None }
     }
 
     fn event(&self, node: &Node, kind: &str) {
@@ -59,7 +63,7 @@ impl CallShared {
 
     /// Sends and applies everything the core has produced.
     fn drain(&mut self, node: &Node) {
-        while let Some(out) = self.core.poll_output() {
+        while let Some(out) = self.core.as_mut().and_then(|c| c.poll_output()) {
             match out {
                 CallOutput::Send { side, bytes } => node.send(self.peer(side), bytes),
                 CallOutput::Media { side, rtp, rtcp } => {
@@ -88,9 +92,9 @@ impl CallShared {
             return;
         }
         self.released = true;
-        let (a, b) = self.core.call_ids();
-        node.calls.remove(a);
-        node.calls.remove(b);
+        let a = self.a_call_id.clone();
+        node.calls.remove(&a);
+        node.calls.remove(&self.b_call_id);
         node.active_calls.fetch_sub(1, Ordering::Relaxed);
         let stats = self.media.as_ref().map(|m| m.stats()).unwrap_or_default();
         let end = self.end.clone();
@@ -172,28 +176,40 @@ fn store_end(mut cdr: Cdr, wav: Option<crate::media::Recording>, budget: &Record
 pub fn clean_up_failed(node: &Node, shared: &Arc<Mutex<CallShared>>) {
     let mut s = shared.lock();
     let now = Instant::now();
-    s.core.hangup("internal error in the call", now);
+    if let Some(core) = s.core.as_mut() {
+        core.hangup("internal error in the call", now);
+    }
     s.drain(node);
     if s.end.is_none() {
-        s.end = s.core.ended().cloned();
+        s.end = s.core.as_ref().and_then(|c| c.ended().cloned());
     }
     s.release(node);
 }
 
 pub struct Call;
 
+/// What the tenant decided for a call; the call carries it out in its own task
+/// (media ports, SDP, the CDR's durable start), so a tenant's actor only routes
+/// and admits, and new calls of one tenant do not queue behind that work.
+pub struct CallPlan {
+    /// The B2BUA setup; its media addresses and SDP adapter are filled in once
+    /// the media session is open.
+    pub setup: CallSetup,
+    pub kinds: [crate::media::webrtc::LegKind; 2],
+    /// Record the call: the tenant's storage budget and the most this call may keep.
+    pub recording: Option<(RecordingBudget, usize)>,
+}
+
 pub struct CallArgs {
     pub node: Arc<Node>,
     pub shared: Arc<Mutex<CallShared>>,
-    /// Resolves when the call's CDR is durable; the call handles nothing from
-    /// its legs before (so the caller is never answered for an unrecorded call).
-    pub cdr_ack: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    pub plan: CallPlan,
 }
 
 pub struct CallState {
     node: Arc<Node>,
     shared: Arc<Mutex<CallShared>>,
-    cdr_ack: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    plan: Option<CallPlan>,
     timer: Option<ractor::concurrency::JoinHandle<Result<(), ractor::MessagingErr<CallMsg>>>>,
     deadline: Option<Instant>,
 }
@@ -204,29 +220,79 @@ impl Actor for Call {
     type Arguments = CallArgs;
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: CallArgs) -> Result<Self::State, ActorProcessingErr> {
+        // Only what must be in place before the tenant handles its next request:
+        // retransmissions of this INVITE now reach this call.
         {
             let s = args.shared.lock();
-            let (a, b) = s.core.call_ids();
-            args.node.calls.insert(a.to_string(), myself.clone());
-            args.node.calls.insert(b.to_string(), myself.clone());
+            args.node.calls.insert(s.a_call_id.clone(), myself.clone());
+            args.node.calls.insert(s.b_call_id.clone(), myself.clone());
         }
         args.node.active_calls.fetch_add(1, Ordering::Relaxed);
-        let mut state = CallState { node: args.node, shared: args.shared, cdr_ack: args.cdr_ack, timer: None, deadline: None };
-        state.after_input(&myself);
-        Ok(state)
+        Ok(CallState { node: args.node, shared: args.shared, plan: Some(args.plan), timer: None, deadline: None })
     }
 
+    /// Opens the media, starts the B2BUA (INVITE to the callee) and makes the
+    /// CDR durable; messages from the legs wait in the mailbox meanwhile, so
+    /// the caller is never answered for an unrecorded call.
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        let Some(ack) = state.cdr_ack.take() else { return Ok(()) };
-        let result = match tokio::time::timeout(std::time::Duration::from_secs(10), ack).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("record writer gone".to_string()),
-            Err(_) => Err("timed out".to_string()),
+        let Some(plan) = state.plan.take() else { return Ok(()) };
+        let node = state.node.clone();
+        let media = match node.media.open_session_with(plan.kinds).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(tenant = %state.shared.lock().tenant, "no media ports: {e}");
+                state.refuse(&plan.setup, 503, "no media ports available");
+                myself.stop(None);
+                return Ok(());
+            }
+        };
+        let mut setup = plan.setup;
+        setup.media_a = media.local_rtp(Side::A);
+        setup.media_b = media.local_rtp(Side::B);
+        setup.sdp_adapter = media.sdp_adapter();
+        let refused = setup.clone();
+        let core = match B2bua::new(setup, Instant::now()) {
+            Ok(c) => c,
+            Err(r) => {
+                media.close();
+                state.refuse(&refused, r.code, &r.reason);
+                myself.stop(None);
+                return Ok(());
+            }
+        };
+        let ack = {
+            let mut s = state.shared.lock();
+            if let Some((budget, max_bytes)) = plan.recording {
+                media.start_recording(crate::media::RecordingOptions { max_bytes });
+                s.recording = Some(budget);
+            }
+            s.core = Some(core);
+            s.media = Some(media);
+            match s.cdr.start_ops(&s.store) {
+                Ok(ops) => Some(node.writer.write(ops)),
+                Err(e) => {
+                    tracing::error!(tenant = %s.tenant, "cannot seal the CDR: {e}");
+                    None
+                }
+            }
+        };
+        state.after_input(&myself);
+        let result = match ack {
+            None => Err("cannot seal the CDR".to_string()),
+            Some(ack) => match tokio::time::timeout(std::time::Duration::from_secs(10), ack).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err("record writer gone".to_string()),
+                Err(_) => Err("timed out".to_string()),
+            },
         };
         if let Err(e) = result {
-            let tenant = state.shared.lock().tenant.clone();
-            tracing::error!(tenant = %tenant, "cannot store the call's CDR ({e}): hanging the call up");
-            state.shared.lock().core.hangup("cannot record the call", Instant::now());
+            {
+                let mut s = state.shared.lock();
+                tracing::error!(tenant = %s.tenant, "cannot store the call's CDR ({e}): hanging the call up");
+                if let Some(core) = s.core.as_mut() {
+                    core.hangup("cannot record the call", Instant::now());
+                }
+            }
             state.after_input(&myself);
         }
         Ok(())
@@ -243,14 +309,22 @@ impl Actor for Call {
                         drop(s);
                         panic!("fault injection: call {} panics on purpose", m.call_id);
                     }
-                    let side = if m.call_id == s.core.call_ids().0 { Side::A } else { Side::B };
-                    s.core.handle_message(side, *m, now);
+                    let side = if m.call_id == s.a_call_id { Side::A } else { Side::B };
+                    if let Some(core) = s.core.as_mut() {
+                        core.handle_message(side, *m, now);
+                    }
                 }
                 CallMsg::Timer => {
                     state.deadline = None;
-                    s.core.handle_timeout(now);
+                    if let Some(core) = s.core.as_mut() {
+                        core.handle_timeout(now);
+                    }
                 }
-                CallMsg::Hangup(reason) => s.core.hangup(&reason, now),
+                CallMsg::Hangup(reason) => {
+                    if let Some(core) = s.core.as_mut() {
+                        core.hangup(&reason, now);
+                    }
+                }
             }
         }
         state.after_input(&myself);
@@ -262,9 +336,9 @@ impl Actor for Call {
             t.abort();
         }
         let mut s = state.shared.lock();
-        if s.core.ended().is_none() {
+        if let Some(core) = s.core.as_mut().filter(|c| c.ended().is_none()) {
             // Stopped from outside (its tenant went down, shutdown): hang up both legs first.
-            s.core.hangup("the call was stopped", Instant::now());
+            core.hangup("the call was stopped", Instant::now());
             s.drain(&state.node);
         }
         s.release(&state.node);
@@ -273,11 +347,23 @@ impl Actor for Call {
 }
 
 impl CallState {
+    /// The call could not start: the caller gets `code` (with a Warning saying why).
+    fn refuse(&self, setup: &CallSetup, code: u16, why: &str) {
+        let tag = crate::sip::transaction::new_tag();
+        let r = crate::sip::msg::refusal(&setup.a_invite, code, Some(&tag), &setup.server_name, why);
+        self.node.send(setup.a_peer, r.to_bytes());
+        let mut s = self.shared.lock();
+        s.end = Some(EndInfo { disposition: crate::sip::b2bua::Disposition::Failed, code, hangup_side: None, reason: why.to_string(), answered: false });
+    }
+
     fn after_input(&mut self, myself: &ActorRef<CallMsg>) {
         let (finished, next) = {
             let mut s = self.shared.lock();
             s.drain(&self.node);
-            (s.core.is_finished(), s.core.poll_timeout())
+            match s.core.as_ref() {
+                Some(core) => (core.is_finished(), core.poll_timeout()),
+                None => (false, None),
+            }
         };
         if finished {
             myself.stop(None);

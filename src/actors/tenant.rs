@@ -13,7 +13,7 @@ use crate::cdr::{self, Cdr, CdrState, Event};
 use crate::config::{Limits, LimitOverrides, Plan, TenantConfig};
 use crate::store::{RecordKind, ScopedStore};
 use crate::sip::auth::{self, NonceCheck};
-use crate::sip::b2bua::{B2bua, CallSetup};
+use crate::sip::b2bua::CallSetup;
 use crate::sip::msg::{self, Incoming, Peer, Proto};
 use crate::sip::registrar::{ExpiryLimits, Registrar};
 use parking_lot::Mutex;
@@ -374,13 +374,8 @@ impl TenantState {
         }
         // A browser leg (SIP over WebSocket) gets WebRTC media (str0m), any other plain RTP.
         let kind = |p: Peer| if p.proto.is_websocket() { crate::media::webrtc::LegKind::WebRtc } else { crate::media::webrtc::LegKind::Plain };
-        let media = match node.media.open_session_with([kind(m.peer), kind(b_peer)]).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(tenant = %cfg.id, "no media ports: {e}");
-                return self.respond(&m, &req, 503, "no media ports available");
-            }
-        };
+        let unset: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
+        let b_call_id = format!("{}@{}", crate::sip::transaction::new_tag(), node.advertised_ip);
         let setup = CallSetup {
             a_invite: req.clone(),
             a_peer: m.peer,
@@ -388,25 +383,22 @@ impl TenantState {
             b_peer,
             b_from,
             b_to,
-            b_call_id: format!("{}@{}", crate::sip::transaction::new_tag(), node.advertised_ip),
+            b_call_id: b_call_id.clone(),
             a_sent_by: node.sent_by(m.peer.proto),
             b_sent_by: node.sent_by(b_peer.proto),
-            media_a: media.local_rtp(crate::media::Side::A),
-            media_b: media.local_rtp(crate::media::Side::B),
+            // Filled in by the call once its media session is open.
+            media_a: unset,
+            media_b: unset,
             timers: node.timers,
             ring_timeout: Duration::from_secs(node.config.sip.ring_timeout_s),
             server_name: node.advertised_ip.to_string(),
-            sdp_adapter: media.sdp_adapter(),
+            sdp_adapter: None,
             // RFC 3455: the number the carrier called, so the agent sees which DID rang.
             b_extra_headers: if from_carrier {
                 vec![("P-Called-Party-ID", format!("<sip:{}@{}>", super::dispatch::normalize_did(req.uri.user().unwrap_or("")), cfg.domain))]
             } else {
                 Vec::new()
             },
-        };
-        let core = match B2bua::new(setup, now) {
-            Ok(c) => c,
-            Err(refusal) => return self.respond(&m, &req, refusal.code, &refusal.reason),
         };
         let started = SystemTime::now();
         let cdr = Cdr {
@@ -433,14 +425,6 @@ impl TenantState {
             recording: None,
             node: node.config.node.name.clone(),
         };
-        // The CDR is durable before the caller can hear an answer: the call waits for this.
-        let cdr_ack = match cdr.start_ops(&self.args.store) {
-            Ok(ops) => node.writer.write(ops),
-            Err(e) => {
-                tracing::error!(tenant = %cfg.id, "cannot seal a CDR: {e}");
-                return self.respond(&m, &req, 500, "cannot record the call");
-            }
-        };
         let mut recording = None;
         if self.limits.recording && cfg.records(did_used.as_deref().filter(|_| direction == cdr::Direction::Inbound)) {
             let cap = self.limits.recording_storage_mb.saturating_mul(1 << 20);
@@ -449,22 +433,21 @@ impl TenantState {
                 cdr::emit(&node.writer, &self.args.store, Event::new("limit.refused", Some(&cdr.id), Some("recording storage full: call not recorded".into())));
             } else {
                 // One call keeps at most 256 MB of audio in memory (about 4.5 hours of G.711 stereo).
-                media.start_recording(crate::media::RecordingOptions { max_bytes: left.min(256 << 20) as usize });
-                recording = Some(self.args.recording.clone());
+                recording = Some((self.args.recording.clone(), left.min(256 << 20) as usize));
             }
         }
-        let shared = Arc::new(Mutex::new(CallShared::new(core, media, m.peer, b_peer, cdr, self.args.store.clone(), recording)));
-        let args = CallArgs { node: node.clone(), shared: shared.clone(), cdr_ack: Some(cdr_ack) };
+        let shared = Arc::new(Mutex::new(CallShared::new(m.call_id.clone(), b_call_id, m.peer, b_peer, cdr, self.args.store.clone())));
+        let plan = super::call::CallPlan { setup, kinds: [kind(m.peer), kind(b_peer)], recording };
+        let args = CallArgs { node: node.clone(), shared: shared.clone(), plan };
         match Actor::spawn_linked(None, Call, args, myself.get_cell()).await {
             Ok((call, _)) => {
                 self.calls.insert(call.get_id(), shared);
             }
             Err(e) => {
                 tracing::error!(tenant = %cfg.id, "cannot start a call actor: {e}");
-                super::call::clean_up_failed(&node, &shared);
+                self.respond(&m, &req, 500, "cannot start the call");
             }
         }
-        let _ = node.active_calls.load(Ordering::Relaxed);
     }
 
     /// The registered contact of one of this tenant's extensions.
