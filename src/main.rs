@@ -189,6 +189,11 @@ fn run(config: Config) -> ExitCode {
         }
     };
     crossbar::sip::transport::install_crypto_provider();
+    // Every call holds 4 media sockets: take the hard open-files limit, not the default soft 1024.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!("open files limit: {n} (each call uses 4 media sockets)"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     rt.block_on(async move {
         let summary = summary(&config);
         let (node, _sup) = match crossbar::actors::node::start(config).await {
