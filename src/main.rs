@@ -274,13 +274,23 @@ fn summary(c: &Config) -> String {
     let tcp: Vec<String> = c.sip.tcp.iter().map(|a| a.to_string()).collect();
     let tenants: Vec<String> = c.tenants.iter().map(|t| t.to_string()).collect();
     let tls = c.sip.tls.map(|a| format!(" tls={a}")).unwrap_or_default();
+    // Where a person goes: each tenant's softphone page (Host = tenant subdomain).
+    let web = match &c.http {
+        Some(h) => {
+            let port = h.listen.port();
+            let phones: Vec<String> = c.tenants.iter().map(|t| format!("http://{}:{port}/phone", t.domain)).collect();
+            format!(", HTTP {} (SIP over WebSocket ws://HOST:{port}/sip; softphone {})", h.listen, phones.join(" "))
+        }
+        None => String::new(),
+    };
     format!(
-        "SIP udp={} tcp={}{tls}, RTP {}:{}-{}, tenants: {}",
+        "SIP udp={} tcp={}{tls}, RTP {}:{}-{}{web}, admin socket {}, tenants: {}",
         udp.join(","),
         tcp.join(","),
         c.media.public_ip,
         c.media.rtp_port_min,
         c.media.rtp_port_max,
+        crossbar::console::admin::socket_path(&c.node.data_dir).display(),
         tenants.join(", ")
     )
 }
