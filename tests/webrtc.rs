@@ -261,7 +261,7 @@ fn sip_over_websocket_register_call_and_close() {
         let invite = carrier_invite(&cb, &carrier, common::ACME_DID, 40000);
         carrier.send_to(invite.as_bytes(), cb.sip_addr()).unwrap();
         let inv = ws.recv_request("INVITE", Duration::from_secs(5)).await.unwrap_or_else(|| panic!("INVITE over WS\n{}", cb.report()));
-        assert!(inv.starts_with(&format!("INVITE sip:x")) && inv.to_ascii_lowercase().contains(".invalid;transport=ws"), "{inv}");
+        assert!(inv.starts_with("INVITE sip:x") && inv.to_ascii_lowercase().contains(".invalid;transport=ws"), "{inv}");
         assert!(inv.contains("Via: SIP/2.0/WS "), "{inv}");
         ws.send(answer(&inv, 486, "Busy Here", "b1", None, None)).await;
         let resp = common::collect_final(&carrier, Duration::from_secs(5));

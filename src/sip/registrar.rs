@@ -148,7 +148,7 @@ impl Registrar {
 fn contact_socket_addr(uri: &str) -> Option<std::net::SocketAddr> {
     let u = rsipstack::sip::Uri::try_from(uri).ok()?;
     let rsipstack::sip::Host::IpAddr(ip) = u.host_with_port.host else { return None };
-    let port = u.host_with_port.port.map(|p| u16::from(p)).unwrap_or(5060);
+    let port = u.host_with_port.port.map(u16::from).unwrap_or(5060);
     Some(std::net::SocketAddr::new(ip, port))
 }
 
