@@ -10,6 +10,7 @@ const USAGE: &str = "usage:
   crossbar status                                    calls in progress, media ports in use (running node)
   crossbar cdr list --tenant ID [--json] [--limit N] a tenant's call records, oldest first
   crossbar events list --tenant ID [--limit N]       a tenant's event stream (JSON lines)
+  crossbar recording list --tenant ID                a tenant's recordings (JSON)
   crossbar recording get --tenant ID CDR_ID --out FILE   a call's recording (WAV)
   crossbar keys rotate --tenant ID                    new data key for the tenant's new writes
   crossbar keys rewrap                               new master key: re-wraps every tenant key (node stopped)
@@ -78,7 +79,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["run"] => run(config),
-        ["cdr", "list"] | ["events", "list"] | ["recording", "get", _] | ["tenant", "set-plan", _] | ["keys", "rotate"] | ["tenant", "delete"] => admin_command(config, &pos, &o),
+        ["cdr", "list"] | ["events", "list"] | ["recording", "list"] | ["recording", "get", _] | ["tenant", "set-plan", _] | ["keys", "rotate"] | ["tenant", "delete"] => admin_command(config, &pos, &o),
         ["keys", "rewrap"] => rewrap(config),
         ["status"] => admin_command(config, &pos, &o),
         _ => {
@@ -100,6 +101,7 @@ fn admin_command(config: Config, pos: &[&str], o: &Opts) -> ExitCode {
     let req = match pos {
         ["cdr", "list"] => Request::CdrList { tenant, after: None, limit },
         ["events", "list"] => Request::EventsList { tenant, after: None, limit },
+        ["recording", "list"] => Request::RecordingList { tenant, limit },
         ["recording", "get", id] => {
             if o.out.is_none() {
                 eprintln!("crossbar: --out FILE is required");

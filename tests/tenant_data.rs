@@ -149,6 +149,13 @@ fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest() {
         }
         assert!(!ok || !out.contains("15551230000"), "{args:?} → {out} {err}");
     }
+    attempts += 1;
+    let (_, recs, _) = cb.cli(&["recording", "list", "--tenant", "globex"]);
+    if recs.contains(&acme_id) {
+        succeeded.push("globex's recording list shows acme's recording");
+    }
+    let (_, own, _) = cb.cli(&["recording", "list", "--tenant", "acme"]);
+    assert!(own.contains(&acme_id), "acme lists its own recording: {own}");
     // acme's events do have the call (the positive control).
     let (_, acme_events, _) = cb.cli(&["events", "list", "--tenant", "acme", "--limit", "1000"]);
     assert!(acme_events.contains("call.started") && acme_events.contains(&acme_id), "{acme_events}");

@@ -31,6 +31,8 @@ pub enum Request {
     CdrList { tenant: String, #[serde(default)] after: Option<String>, #[serde(default = "default_limit")] limit: usize },
     #[serde(rename = "events.list")]
     EventsList { tenant: String, #[serde(default)] after: Option<u64>, #[serde(default = "default_limit")] limit: usize },
+    #[serde(rename = "recording.list")]
+    RecordingList { tenant: String, #[serde(default = "default_limit")] limit: usize },
     #[serde(rename = "recording.get")]
     RecordingGet { tenant: String, id: String },
     #[serde(rename = "tenant.set_plan")]
@@ -95,6 +97,18 @@ pub async fn execute(vault: &Vault, node: Option<&Arc<Node>>, req: Request) -> R
             let store = vault.open_tenant(&tenant_id(&tenant)?).await?;
             let events = store.read_events_json::<Value>(after, limit.min(1000)).await?;
             Ok(json!(events.into_iter().map(|(seq, e)| json!({"seq": seq, "event": e})).collect::<Vec<_>>()))
+        }
+        Request::RecordingList { tenant, limit } => {
+            // The CDRs name their recordings; listing those avoids loading the audio.
+            let store = vault.open_tenant(&tenant_id(&tenant)?).await?;
+            let cdrs = crate::cdr::list(&store, None, 100_000).await?;
+            let recs: Vec<Value> = cdrs
+                .into_iter()
+                .filter(|c| c.recording.is_some())
+                .take(limit)
+                .map(|c| json!({"id": c.recording, "start": c.start, "from": c.from, "to": c.to, "duration_s": c.duration_s}))
+                .collect();
+            Ok(json!(recs))
         }
         Request::RecordingGet { tenant, id } => {
             let store = vault.open_tenant(&tenant_id(&tenant)?).await?;
