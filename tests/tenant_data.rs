@@ -42,9 +42,33 @@ fn state_of(c: &serde_json::Value) -> &str {
 
 // 4. Durability ----------------------------------------------------------------
 
+/// The store backends a node-level proof runs against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Embedded,
+    Redis,
+}
+
+/// A node on `backend` (for Redis, with its own redis-server, returned to keep it up).
+fn node_on(backend: Backend, mut cfg: NodeConfig) -> (Crossbar, Option<RedisServer>) {
+    let redis = (backend == Backend::Redis).then(RedisServer::start);
+    cfg.redis_url = redis.as_ref().map(|r| r.url());
+    (Crossbar::start(cfg), redis)
+}
+
 #[test]
-fn kill_9_with_calls_in_progress_loses_no_cdr() {
-    let mut cb = Crossbar::start(NodeConfig::new());
+fn kill_9_with_calls_in_progress_loses_no_cdr_embedded() {
+    kill_9_with_calls_in_progress_loses_no_cdr(Backend::Embedded);
+}
+
+#[test]
+fn kill_9_with_calls_in_progress_loses_no_cdr_redis() {
+    kill_9_with_calls_in_progress_loses_no_cdr(Backend::Redis);
+}
+
+fn kill_9_with_calls_in_progress_loses_no_cdr(backend: Backend) {
+    println!("backend: {backend:?}");
+    let (mut cb, _redis) = node_on(backend, NodeConfig::new());
     let dir = TempDir::new("durability");
     let uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 10, &[]);
 
@@ -90,10 +114,20 @@ fn kill_9_with_calls_in_progress_loses_no_cdr() {
 // 1. Data isolation through the commands, and no plaintext at rest ---------------
 
 #[test]
-fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest() {
+fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest_embedded() {
+    tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest(Backend::Embedded);
+}
+
+#[test]
+fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest_redis() {
+    tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest(Backend::Redis);
+}
+
+fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest(backend: Backend) {
+    println!("backend: {backend:?}");
     let mut cfg = NodeConfig::new();
     cfg.acme_extra = "recording = \"all\"".into();
-    let cb = Crossbar::start(cfg);
+    let (cb, redis) = node_on(backend, cfg);
     let dir = TempDir::new("isolation");
     let uas = registered_uas(&cb, &dir, "uas_answer.xml", "1001", ACME, "acme1001pw", 1, &[]);
     let call = carrier_call(&cb, "uac_call.xml", ACME_DID).arg("-d").arg(3000).run(&dir);
@@ -162,15 +196,19 @@ fn tenants_cannot_read_each_others_records_and_nothing_is_plaintext_at_rest() {
     println!("cross-tenant command attempts: {attempts}, succeeded: {}", succeeded.len());
     assert!(succeeded.is_empty(), "{succeeded:?}");
 
-    // The embedded file holds no phone number, DID or SIP password of any tenant.
-    let db = std::fs::read(cb.dir.join("data/crossbar.redb")).expect("the embedded store file");
+    // What the store holds (the embedded file, or everything in Redis) contains no
+    // phone number, DID or SIP password of any tenant.
+    let db = match &redis {
+        None => std::fs::read(cb.dir.join("data/crossbar.redb")).expect("the embedded store file"),
+        Some(r) => r.dump(),
+    };
     let mut found = Vec::new();
     for needle in ["15550001000", "15550002000", "15551230000", "acme1001pw", "acme1002pw", "globex2001pw"] {
         if db.windows(needle.len()).any(|w| w == needle.as_bytes()) {
             found.push(needle);
         }
     }
-    println!("searched {} bytes of crossbar.redb for 6 secrets/numbers: found {found:?}", db.len());
+    println!("searched {} bytes of the {backend:?} store for 6 secrets/numbers: found {found:?}", db.len());
     assert!(found.is_empty(), "plaintext at rest: {found:?}");
     // Control: the file does contain the (public) record id, so the search works.
     assert!(db.windows(acme_id.len()).any(|w| w == acme_id.as_bytes()), "control: the record id should be findable");

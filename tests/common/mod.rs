@@ -131,6 +131,8 @@ pub struct NodeConfig {
     pub log_level: String,
     /// Extra lines for the `[sip]` section (e.g. a TLS listener).
     pub sip_extra: String,
+    /// Use the Redis store backend at this URL (embedded when None).
+    pub redis_url: Option<String>,
     /// Extra top-level lines for each demo tenant's file (plan, limits).
     pub acme_extra: String,
     pub globex_extra: String,
@@ -149,6 +151,7 @@ impl NodeConfig {
             trunk_outbound: SocketAddr::new(CARRIER, free_port(CARRIER)),
             log_level: "info".into(),
             sip_extra: String::new(),
+            redis_url: None,
             acme_extra: String::new(),
             globex_extra: String::new(),
             http: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
@@ -170,6 +173,8 @@ udp = ["{udp}"]
 tcp = ["{tcp}"]
 advertised_ip = "127.0.0.1"
 {sip_extra}
+
+{store}
 
 [http]
 listen = "{http}"
@@ -193,6 +198,7 @@ outbound = "{out}"
             rmax = self.rtp.1,
             out = self.trunk_outbound,
             sip_extra = self.sip_extra,
+            store = self.redis_url.as_ref().map(|u| format!("[store]\nbackend = \"redis\"\nredis_url = \"{u}\"")).unwrap_or_default(),
             http = self.http,
             web_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dist").display(),
         );
@@ -1011,4 +1017,64 @@ pub fn torture_messages() -> Vec<(String, Vec<u8>)> {
         .collect();
     v.sort();
     v
+}
+
+// ---------------------------------------------------------------------------
+// A real redis-server for the Redis store backend
+
+/// A `redis-server` on a free port of 127.0.0.1, persistence off (an explicit
+/// SAVE writes `dump.rdb`, uncompressed, into its directory); killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = TempDir::new("redis");
+        let port = free_port(LOCALHOST);
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--rdbcompression", "no"])
+            .arg("--dir")
+            .arg(&dir.path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: `make test` installs it (apt-get install redis-server)");
+        let server = RedisServer { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.command("PING").as_deref() != Some("+PONG") {
+            assert!(Instant::now() < deadline, "redis-server did not answer PING within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// One inline command; the first line of the reply.
+    pub fn command(&self, cmd: &str) -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_string())
+    }
+
+    /// Everything the server holds, as its RDB file's bytes (SAVE, uncompressed).
+    pub fn dump(&self) -> Vec<u8> {
+        assert_eq!(self.command("SAVE").as_deref(), Some("+OK"), "redis SAVE failed");
+        std::fs::read(self.dir.join("dump.rdb")).expect("dump.rdb after SAVE")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
