@@ -316,10 +316,15 @@ fn a_crashing_tenant_is_restarted_and_other_tenants_calls_survive() {
     assert_eq!(answered, 1, "acme accepts calls again (registrations survive the restart)\n{}\n{}", call.report(), cb.report());
     assert!(back < Duration::from_secs(1), "acme must accept again within 1 s, took {back:?}");
 
+    // And a panic in one of acme's calls: that call is hung up (BYE to its caller), nothing else moves.
+    let victim = carrier_call(&cb, "uac_fault.xml", ACME_DID).arg("-d").arg(1000).credentials(&dir, "unused", "unused", "unused").run(&dir);
+    assert!(victim.success() && victim.log.contains("BYE received after fault"), "the panicked call's caller got no BYE\n{}\n{}", victim.report(), cb.report());
+    println!("a panic in an acme call: its caller got a BYE ({} ms after acme's tenant panic)", crashed_at.elapsed().as_millis());
+
     // The globex call went on with media flowing, and ended normally.
     let globex_call = globex_call.wait();
     assert!(globex_call.success(), "globex's call did not survive\n{}\n{}", globex_call.report(), cb.report());
-    let ended = cb.wait_calls_ended(2, Duration::from_secs(10));
+    let ended = cb.wait_calls_ended(3, Duration::from_secs(10));
     let g = ended.iter().find(|c| c.get("tenant") == Some("globex")).unwrap_or_else(|| panic!("no globex call ended\n{}", cb.report()));
     println!("globex call across acme's crash: {}", g.line);
     assert_eq!(g.get("disposition"), Some("answered"));
