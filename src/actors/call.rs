@@ -369,12 +369,15 @@ impl CallState {
             myself.stop(None);
             return;
         }
-        if next != self.deadline {
-            if let Some(t) = self.timer.take() {
-                t.abort();
-            }
-            self.deadline = next;
-            if let Some(at) = next {
+        // Re-arm only for an earlier deadline: a timer that fires early is
+        // harmless (the core finds nothing due and names its next deadline), and
+        // most changes push the deadline later, so this saves a task per message.
+        if let Some(at) = next {
+            if self.deadline.is_none_or(|armed| at < armed) {
+                if let Some(t) = self.timer.take() {
+                    t.abort();
+                }
+                self.deadline = Some(at);
                 let wait = at.saturating_duration_since(Instant::now());
                 self.timer = Some(myself.send_after(wait, || CallMsg::Timer));
             }
