@@ -405,7 +405,8 @@ pub fn error_response_raw(bytes: &[u8], code: u16, host: &str, why: &str) -> Opt
     let head = String::from_utf8_lossy(&bytes[..head_end]);
     let mut lines = head.lines();
     let first = lines.next()?.trim();
-    if first.starts_with("SIP/") || first.split_whitespace().count() < 3 {
+    // Responses and ACKs are never answered (RFC 3261 §17.1.1.1, §18.1.2).
+    if first.starts_with("SIP/") || first.starts_with("ACK ") || first.split_whitespace().count() < 3 {
         return None;
     }
     let phrase = match code {
@@ -520,6 +521,7 @@ mod tests {
         assert!(s.contains("Warning: 399 127.0.0.1 \"bad thing\""));
         assert!(bad_request_raw(b"SIP/2.0 200 OK\r\n\r\n", "h", "x").is_none());
         assert!(bad_request_raw(b"\x00\xff garbage", "h", "x").is_none());
+        assert!(bad_request_raw(b"ACK sip:a SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n", "h", "x").is_none(), "an ACK gets no response");
     }
 
     #[test]
