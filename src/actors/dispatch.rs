@@ -17,9 +17,14 @@ impl Sink for Node {
     /// A WebSocket closed: every tenant drops the registrations made over it
     /// (RFC 7118 §5: a browser can only be reached on its own connection).
     fn on_closed(&self, peer: Peer) {
-        let tenants: Vec<_> = self.routing.read().by_domain.values().cloned().collect();
-        for t in tenants {
-            let _ = t.actor.cast(TenantMsg::ConnectionClosed(peer));
+        if let Some((_, tenants)) = self.ws_tenants.remove(&peer.addr) {
+            // By id, so a tenant restarted since the REGISTER is still told.
+            let routing = self.routing.read();
+            for id in tenants {
+                if let Some(t) = routing.by_id.get(&id) {
+                    let _ = t.actor.cast(TenantMsg::ConnectionClosed(peer));
+                }
+            }
         }
     }
 
@@ -58,7 +63,15 @@ impl Sink for Node {
                 let domain = host_of(&incoming.to_uri);
                 let tenant = self.routing.read().by_domain.get(&domain).cloned();
                 match tenant {
-                    Some(t) => self.to_tenant(&t, incoming),
+                    Some(t) => {
+                        if peer.proto.is_websocket() {
+                            let mut owners = self.ws_tenants.entry(peer.addr).or_default();
+                            if !owners.iter().any(|o| **o == *t.id) {
+                                owners.push(t.id.to_string());
+                            }
+                        }
+                        self.to_tenant(&t, incoming)
+                    }
                     None => refuse(404, "no tenant serves this domain"),
                 }
             }

@@ -37,6 +37,9 @@ pub struct Node {
     pub media: MediaEngine,
     /// Call-ID (of either leg) → its Call actor: the in-dialog fast path.
     pub calls: DashMap<String, ActorRef<CallMsg>>,
+    /// WebSocket connection → the tenants it sent REGISTERs to: when it closes,
+    /// only those tenants are told (another tenant never hears of it).
+    pub ws_tenants: DashMap<SocketAddr, Vec<String>>,
     pub routing: RwLock<Routing>,
     pub carrier_sources: HashSet<IpAddr>,
     pub trunk_outbound: Option<SocketAddr>,
@@ -57,6 +60,7 @@ pub const TENANT_QUEUE_LIMIT: usize = 1000;
 /// A tenant as the edge sees it: its actor and how much is waiting for it.
 #[derive(Clone)]
 pub struct TenantRoute {
+    pub id: Arc<str>,
     pub actor: ActorRef<TenantMsg>,
     pub pending: Arc<AtomicUsize>,
 }
@@ -169,6 +173,7 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
         transports: transports.clone(),
         media,
         calls: DashMap::new(),
+        ws_tenants: DashMap::new(),
         routing: RwLock::new(Routing::default()),
         nonces: NonceSecret::generate(),
         timers: TimerConfig { t1, t2, t4 },
@@ -274,7 +279,7 @@ async fn spawn_tenant(sup: &ActorRef<NodeMsg>, state: &mut TenantSupState, args:
     let cfg = args.config.lock().clone();
     let (tenant, _) = Actor::spawn_linked(None, Tenant, args.clone(), sup.get_cell()).await?;
     args.pending.store(0, Ordering::Relaxed);
-    let route = TenantRoute { actor: tenant.clone(), pending: args.pending.clone() };
+    let route = TenantRoute { id: cfg.id.as_str().into(), actor: tenant.clone(), pending: args.pending.clone() };
     state.children.insert(tenant.get_id(), args);
     let mut routing = state.node.routing.write();
     routing.by_id.insert(cfg.id.clone(), route.clone());
