@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Crossbar, NodeConfig, CARRIER, LOCALHOST};
+use common::{free_port, Crossbar, NodeConfig, TempDir, CARRIER, LOCALHOST};
 use futures_util::{SinkExt, StreamExt};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -275,4 +275,43 @@ fn sip_over_websocket_register_call_and_close() {
         assert_eq!(resp.and_then(|r| common::status_code(&r)), Some(480), "{}", cb.report());
     });
     let _ = LOCALHOST;
+}
+
+// ---------------------------------------------------------------------------
+// SIP over secure WebSocket (WSS): a rustls client, a certificate from config
+
+#[test]
+fn sip_over_secure_websocket_is_served_with_the_configured_certificate() {
+    let dir = TempDir::new("wss");
+    let ck = rcgen::generate_simple_self_signed(vec!["acme.localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let wss = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let mut cfg = NodeConfig::new();
+    cfg.http_extra = format!("tls = \"{wss}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"", cert.display(), key.display());
+    let cb = Crossbar::start(cfg);
+    runtime().block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls_pki_types::CertificateDer::from(ck.cert.der().to_vec())).unwrap();
+        let tls_cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(wss).await.expect("connect to the WSS port");
+        let name = rustls_pki_types::ServerName::try_from("acme.localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_cfg)).connect(name, tcp).await.expect("TLS handshake with the configured certificate");
+        let mut req = "wss://acme.localhost/sip".into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", "sip".parse().unwrap());
+        let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.expect("WebSocket upgrade over TLS");
+        assert_eq!(resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap()), Some("sip"));
+        let register = "REGISTER sip:acme.localhost SIP/2.0\r\nVia: SIP/2.0/WSS wss1.invalid;branch=z9hG4bKwss1\r\nMax-Forwards: 69\r\nTo: <sip:1001@acme.localhost>\r\nFrom: <sip:1001@acme.localhost>;tag=w1\r\nCall-ID: wss-1\r\nCSeq: 1 REGISTER\r\nContact: <sip:w1@wss1.invalid;transport=ws>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n";
+        ws.send(Message::text(register)).await.unwrap();
+        let answer = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => break t.to_string(),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no SIP answer over WSS: {other:?}\n{}", cb.report()),
+            }
+        };
+        assert!(answer.starts_with("SIP/2.0 401") && answer.contains("realm=\"acme.localhost\""), "{answer}");
+    });
 }

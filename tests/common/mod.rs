@@ -138,6 +138,8 @@ pub struct NodeConfig {
     pub globex_extra: String,
     /// The `[http]` listener (softphone, login API, SIP over WebSocket).
     pub http: SocketAddr,
+    /// Extra lines for the `[http]` section (e.g. the HTTPS/WSS listener).
+    pub http_extra: String,
 }
 
 impl NodeConfig {
@@ -154,6 +156,7 @@ impl NodeConfig {
             redis_url: None,
             acme_extra: String::new(),
             globex_extra: String::new(),
+            http_extra: String::new(),
             http: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
         }
     }
@@ -179,6 +182,7 @@ advertised_ip = "127.0.0.1"
 [http]
 listen = "{http}"
 web_root = "{web_root}"
+{http_extra}
 
 [media]
 bind_ip = "127.0.0.1"
@@ -200,6 +204,7 @@ outbound = "{out}"
             sip_extra = self.sip_extra,
             store = self.redis_url.as_ref().map(|u| format!("[store]\nbackend = \"redis\"\nredis_url = \"{u}\"")).unwrap_or_default(),
             http = self.http,
+            http_extra = self.http_extra,
             web_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dist").display(),
         );
         std::fs::create_dir_all(dir.join("tenants")).unwrap();
