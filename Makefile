@@ -17,6 +17,10 @@ web: web/node_modules/.package-lock.json
 	cd web && node build.mjs
 
 web/node_modules/.package-lock.json: web/package-lock.json web/package.json
+	@command -v npm >/dev/null || { \
+	  echo "installing: nodejs npm (to build the softphone page)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
 	cd web && npm ci --no-audit --no-fund
 
 ## Installs what the tests need when missing (Debian): SIPp, redis-server, Chromium,
