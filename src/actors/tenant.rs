@@ -394,10 +394,9 @@ impl TenantState {
             server_name: node.advertised_ip.to_string(),
             sdp_adapter: None,
             // RFC 3455: the number the carrier called, so the agent sees which DID rang.
-            b_extra_headers: if from_carrier {
-                vec![("P-Called-Party-ID", format!("<sip:{}@{}>", super::dispatch::normalize_did(req.uri.user().unwrap_or("")), cfg.domain))]
-            } else {
-                Vec::new()
+            b_extra_headers: match (&did_used, from_carrier) {
+                (Some(did), true) => vec![("P-Called-Party-ID", format!("<sip:{did}@{}>", cfg.domain))],
+                _ => Vec::new(),
             },
         };
         let started = SystemTime::now();

@@ -203,16 +203,18 @@ fn check_framing(bytes: &[u8], proto: super::msg::Proto) -> Result<(), MessageEr
     }
     let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
     if let Some(body_start) = head_end {
-        let head = String::from_utf8_lossy(&bytes[..body_start]);
-        for l in head.split("\r\n") {
-            let Some((name, value)) = l.split_once(':') else { continue };
-            let name = name.trim();
-            if name.eq_ignore_ascii_case("content-length") || name == "l" {
-                let n: usize = value.trim().parse().map_err(|_| MessageError::Syntax("Content-Length is not a non-negative number"))?;
-                // On a datagram the body is what arrived (RFC 3261 §18.3): more declared than sent is an error.
-                if proto == super::msg::Proto::Udp && n > bytes.len() - body_start {
-                    return Err(MessageError::Syntax("Content-Length is larger than the body received"));
-                }
+        // Byte-wise over the header lines: this runs on every message, so no copy of the head.
+        for line in bytes[..body_start].split(|b| *b == b'\n') {
+            let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+            let name = line[..colon].trim_ascii();
+            if !(name.eq_ignore_ascii_case(b"content-length") || name == b"l") {
+                continue;
+            }
+            let value = std::str::from_utf8(line[colon + 1..].trim_ascii()).unwrap_or("-");
+            let n: usize = value.parse().map_err(|_| MessageError::Syntax("Content-Length is not a non-negative number"))?;
+            // On a datagram the body is what arrived (RFC 3261 §18.3): more declared than sent is an error.
+            if proto == super::msg::Proto::Udp && n > bytes.len() - body_start {
+                return Err(MessageError::Syntax("Content-Length is larger than the body received"));
             }
         }
     }
