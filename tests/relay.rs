@@ -5,8 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crossbar::media::{
-    MediaConfig, MediaEngine, MediaError, MediaSession, Recording, RecordingOptions, RelayMode,
-    Side,
+    MediaConfig, MediaEngine, MediaError, MediaSession, Recording, RecordingOptions, Side,
 };
 use tokio::net::UdpSocket;
 use tokio::time::{sleep, timeout, Instant};
@@ -15,18 +14,19 @@ const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(2);
 
 fn engine(port_min: u16, port_max: u16) -> MediaEngine {
-    engine_mode(port_min, port_max, RelayMode::PerSession)
+    engine_threads(port_min, port_max, 1)
 }
 
-fn engine_mode(port_min: u16, port_max: u16, mode: RelayMode) -> MediaEngine {
-    MediaEngine::with_mode(
+/// An engine with `threads` media threads (the range is split between them).
+fn engine_threads(port_min: u16, port_max: u16, threads: usize) -> MediaEngine {
+    MediaEngine::with_threads(
         MediaConfig {
             bind_ip: LO,
             public_ip: LO,
             port_min,
             port_max,
         },
-        mode,
+        threads,
     )
     .expect("valid config")
 }
@@ -81,8 +81,8 @@ fn rtp_packet(seq: u16) -> Vec<u8> {
     p
 }
 
-async fn both_ways(mode: RelayMode, port_min: u16) {
-    let eng = engine_mode(port_min, port_min + 19, mode);
+async fn both_ways(threads: usize, port_min: u16) {
+    let eng = engine_threads(port_min, port_min + 19, threads);
     let s = eng.open_session().await.unwrap();
     let (pa, pb) = (party().await, party().await);
     s.set_remote(Side::A, addr(&pa), None);
@@ -108,18 +108,18 @@ async fn both_ways(mode: RelayMode, port_min: u16) {
 }
 
 #[tokio::test]
-async fn relays_both_ways_per_session_task() {
-    both_ways(RelayMode::PerSession, 23000).await;
+async fn relays_both_ways_one_media_thread() {
+    both_ways(1, 23000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relays_both_ways_per_socket_tasks_multi_thread() {
-    both_ways(RelayMode::PerSocket, 23020).await;
+async fn relays_both_ways_two_media_threads() {
+    both_ways(2, 23020).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relays_both_ways_per_session_multi_thread() {
-    both_ways(RelayMode::PerSession, 23040).await;
+async fn relays_both_ways_one_media_thread_multi_thread_runtime() {
+    both_ways(1, 23040).await;
 }
 
 #[tokio::test]
@@ -310,7 +310,7 @@ async fn close_frees_ports_over_1000_cycles() {
 
 #[tokio::test]
 async fn close_with_traffic_in_flight_frees_ports() {
-    let eng = engine_mode(23220, 23239, RelayMode::PerSocket);
+    let eng = engine_threads(23220, 23239, 2);
     let (pa, pb) = (party().await, party().await);
     for _ in 0..50 {
         let s = eng.open_session().await.unwrap();
@@ -535,8 +535,8 @@ fn channels(rec: &Recording) -> (Vec<i16>, Vec<i16>) {
     (left, right)
 }
 
-async fn records_both_directions(mode: RelayMode, port_min: u16) {
-    let eng = engine_mode(port_min, port_min + 19, mode);
+async fn records_both_directions(threads: usize, port_min: u16) {
+    let eng = engine_threads(port_min, port_min + 19, threads);
     let s = eng.open_session().await.unwrap();
     let (pa, pb) = (party().await, party().await);
     s.set_remote(Side::A, addr(&pa), None);
@@ -613,13 +613,13 @@ async fn records_both_directions(mode: RelayMode, port_min: u16) {
 }
 
 #[tokio::test]
-async fn records_both_directions_per_session_task() {
-    records_both_directions(RelayMode::PerSession, 23600).await;
+async fn records_both_directions_one_media_thread() {
+    records_both_directions(1, 23600).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_both_directions_per_socket_tasks_multi_thread() {
-    records_both_directions(RelayMode::PerSocket, 23620).await;
+async fn records_both_directions_two_media_threads() {
+    records_both_directions(2, 23620).await;
 }
 
 #[tokio::test]

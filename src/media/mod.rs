@@ -1,7 +1,8 @@
 //! Media anchoring: the RTP port pool and the RTP/RTCP relay between a call's two legs.
 //!
 //! Every call gets a [`MediaSession`] from the node-wide [`MediaEngine`]: two RTP/RTCP
-//! port pairs (one facing each party) and a relay task moving packets between them.
+//! port pairs (one facing each party), served by one of the engine's media threads,
+//! which moves packets between them.
 //! Signalling (the Call actor) only tells the session where each party said it receives
 //! media ([`MediaSession::set_remote`]); packets never pass through actors or channels.
 //!
@@ -10,17 +11,19 @@
 //! so parties behind NAT get their media back where they actually send from.
 //!
 //! Recording ([`MediaSession::start_recording`], [`MediaSession::finish_recording`]): the
-//! relay task copies the G.711 audio of the packets it relays into buffers it owns, and
-//! hands them over when asked; decoding and the stereo WAV are built afterwards, off the
-//! relay task.
+//! media thread copies the G.711 audio of the packets it relays into buffers it owns,
+//! and hands them over when asked; decoding and the stereo WAV are built afterwards, off
+//! the media thread.
 //!
 //! # Layout
 //!
-//! - `ports`: the RTP port pool.
-//! - `relay`: per-session shared state and the relay task (the hot loop).
+//! - `ports`: the RTP port pool (pairs stay bound between calls).
+//! - `engine`: the media threads (epoll loops) serving every media socket.
+//! - `relay`: per-session shared state and what happens to one relayed datagram.
 //! - `recording`: capture of relayed audio and its rendering to WAV (sans-IO).
 //! - `g711`: µ-law / A-law decoding.
 
+mod engine;
 mod g711;
 mod ports;
 mod recording;
@@ -30,15 +33,15 @@ pub mod webrtc;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use engine::{Cmd, PairSocks, Shard};
 use ports::{PairLease, PortPool};
 use recording::{Budget, Track};
 use relay::{rtcp_default, RecArm, SessionInner, TrackReply, A_RTP, B_RTP};
@@ -81,19 +84,6 @@ impl Side {
             Side::B => B_RTP,
         }
     }
-}
-
-/// How relay work is spread over tokio tasks. Both behave the same; see
-/// `examples/relay_load.rs` for the cost comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RelayMode {
-    /// One task per session serving its four sockets. The default: CPU measured equal to
-    /// `PerSocket` within noise (the kernel's UDP path is ~86 % of the cost either way),
-    /// with a quarter of the tasks and receive buffers.
-    #[default]
-    PerSession,
-    /// One task per socket (four per session).
-    PerSocket,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +139,7 @@ impl RelayStats {
     }
 }
 
-/// The node's media engine: port pool and relay factory. Cheap to clone.
+/// The node's media engine: port pool and media threads. Cheap to clone.
 #[derive(Clone)]
 pub struct MediaEngine {
     inner: Arc<EngineInner>,
@@ -158,30 +148,46 @@ pub struct MediaEngine {
 struct EngineInner {
     cfg: MediaConfig,
     pool: Arc<PortPool>,
-    mode: RelayMode,
+    shards: Vec<Arc<Shard>>,
+    /// Round-robin over the shards for new sessions.
+    next: AtomicUsize,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        for s in &self.shards {
+            s.send(Cmd::Shutdown);
+        }
+    }
 }
 
 impl fmt::Debug for MediaEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MediaEngine")
             .field("cfg", &self.inner.cfg)
-            .field("mode", &self.inner.mode)
+            .field("threads", &self.inner.shards.len())
             .field("ports_in_use", &self.ports_in_use())
             .finish()
     }
 }
 
 impl MediaEngine {
+    /// One media thread (enough for thousands of relayed calls; see README figures).
     pub fn new(cfg: MediaConfig) -> Result<Self, MediaError> {
-        Self::with_mode(cfg, RelayMode::default())
+        Self::with_threads(cfg, 1)
     }
 
-    /// Like [`MediaEngine::new`] with an explicit task layout (benchmarks, tuning).
-    pub fn with_mode(cfg: MediaConfig, mode: RelayMode) -> Result<Self, MediaError> {
+    /// Like [`MediaEngine::new`] with `threads` media threads (at least one); the port
+    /// range is split between them, pair by pair.
+    pub fn with_threads(cfg: MediaConfig, threads: usize) -> Result<Self, MediaError> {
         validate(&cfg)?;
-        let pool = Arc::new(PortPool::new(cfg.port_min, cfg.port_max));
+        let threads = threads.max(1);
+        let pool = Arc::new(PortPool::new(cfg.port_min, cfg.port_max, threads));
+        let shards = (0..threads)
+            .map(|i| Shard::start(i, pool.capacity()))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
-            inner: Arc::new(EngineInner { cfg, pool, mode }),
+            inner: Arc::new(EngineInner { cfg, pool, shards, next: AtomicUsize::new(0) }),
         })
     }
 
@@ -189,8 +195,14 @@ impl MediaEngine {
         &self.inner.cfg
     }
 
-    /// Allocates a port pair for each side, binds the four UDP sockets and starts
-    /// relaying. Must run inside a tokio runtime.
+    /// Media threads serving this engine's sockets.
+    pub fn threads(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// Leases a port pair for each side and hands them to a media thread, which relays
+    /// from then on. No system call in the usual case: the pairs' sockets are bound the
+    /// first time they are used and stay bound. Async only for the callers' sake.
     ///
     /// `Err(MediaError::PortsExhausted)` when no two pairs can be had (answer 503).
     pub async fn open_session(&self) -> Result<MediaSession, MediaError> {
@@ -201,41 +213,46 @@ impl MediaEngine {
     /// session with a WebRTC side runs a [`webrtc::Bridge`] instead of the plain relay,
     /// and its SDP goes through [`MediaSession::sdp_adapter`].
     pub async fn open_session_with(&self, kinds: [webrtc::LegKind; 2]) -> Result<MediaSession, MediaError> {
-        let (lease_a, a_rtp, a_rtcp) = self.bind_next_pair()?;
-        // On error below, lease_a and its sockets drop here and the pair goes back.
-        let (lease_b, b_rtp, b_rtcp) = self.bind_next_pair()?;
-        let socks = [
-            UdpSocket::from_std(a_rtp)?,
-            UdpSocket::from_std(a_rtcp)?,
-            UdpSocket::from_std(b_rtp)?,
-            UdpSocket::from_std(b_rtcp)?,
-        ];
+        let n = self.inner.shards.len();
+        let first = self.inner.next.fetch_add(1, Ordering::Relaxed) % n;
+        for k in 0..n {
+            let shard = (first + k) % n;
+            match self.open_on(shard, kinds) {
+                Err(MediaError::PortsExhausted) => continue,
+                other => return other,
+            }
+        }
+        warn!("no bindable media port pair left in the range");
+        Err(MediaError::PortsExhausted)
+    }
+
+    fn open_on(&self, shard_idx: usize, kinds: [webrtc::LegKind; 2]) -> Result<MediaSession, MediaError> {
+        let shard = &self.inner.shards[shard_idx];
+        let (lease_a, socks_a) = self.bind_next_pair(shard_idx)?;
+        // On error below, lease_a drops here and the pair goes back.
+        let (lease_b, socks_b) = self.bind_next_pair(shard_idx)?;
         let public = self.inner.cfg.public_ip;
         let local = [
             SocketAddr::new(public, lease_a.rtp_port()),
             SocketAddr::new(public, lease_b.rtp_port()),
         ];
         let v6_sockets = self.inner.cfg.bind_ip.is_ipv6();
-        let inner = Arc::new(SessionInner::new(socks, v6_sockets));
-        let weak = Arc::downgrade(&inner);
-        let mut bridge = None;
-        let tasks = if kinds.contains(&webrtc::LegKind::WebRtc) {
-            let shared = webrtc::BridgeShared::new(webrtc::Bridge::new(kinds, local));
-            bridge = Some(shared.clone());
-            vec![tokio::spawn(webrtc::run(inner.clone(), shared))]
-        } else {
-            match self.inner.mode {
-                RelayMode::PerSession => vec![tokio::spawn(relay::run(weak, None))],
-                RelayMode::PerSocket => (0..4)
-                    .map(|i| tokio::spawn(relay::run(weak.clone(), Some(i))))
-                    .collect(),
-            }
-        };
+        let inner = Arc::new(SessionInner::new([socks_a, socks_b], v6_sockets));
+        let key = lease_a.idx();
+        let bridge = kinds.contains(&webrtc::LegKind::WebRtc).then(|| {
+            webrtc::BridgeShared::new(webrtc::Bridge::new(kinds, local), Arc::clone(shard), key)
+        });
+        shard.send(Cmd::Attach {
+            pairs: [lease_a.idx(), lease_b.idx()],
+            inner: Arc::clone(&inner),
+            bridge: bridge.clone(),
+        });
         debug!(a = %local[0], b = %local[1], "media session opened");
         Ok(MediaSession {
             inner,
+            shard: Arc::clone(shard),
+            key,
             _leases: [lease_a, lease_b],
-            tasks,
             local,
             bind_ip: self.inner.cfg.bind_ip,
             recording: Mutex::new(None),
@@ -253,30 +270,31 @@ impl MediaEngine {
         self.inner.pool.capacity() * 2
     }
 
-    /// Leases the next free pair whose two ports can be bound. A pair taken by another
-    /// process is skipped (it goes back to the tail of the pool and is retried later).
-    fn bind_next_pair(
-        &self,
-    ) -> Result<(PairLease, std::net::UdpSocket, std::net::UdpSocket), MediaError> {
+    /// Leases the next free pair of `shard` whose two ports can be bound (or were bound
+    /// before). A pair taken by another process is skipped (it goes back to the tail of
+    /// the pool and is retried later).
+    fn bind_next_pair(&self, shard: usize) -> Result<(PairLease, Arc<PairSocks>), MediaError> {
         let pool = &self.inner.pool;
-        for _ in 0..pool.capacity() {
-            let Some(lease) = PairLease::take(pool) else {
+        for _ in 0..pool.free_in_shard(shard).max(1) {
+            let Some(lease) = PairLease::take(pool, shard) else {
                 return Err(MediaError::PortsExhausted);
             };
-            match bind_pair(self.inner.cfg.bind_ip, lease.rtp_port()) {
-                Ok((rtp, rtcp)) => return Ok((lease, rtp, rtcp)),
+            let bound = pool.sockets(lease.idx(), |port| {
+                let (rtp, rtcp) = bind_pair(self.inner.cfg.bind_ip, port)?;
+                let socks = Arc::new(PairSocks { rtp, rtcp });
+                self.inner.shards[shard].register_pair(lease.idx(), &socks)?;
+                Ok(socks)
+            });
+            match bound {
+                Ok(socks) => return Ok((lease, socks)),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                    debug!(
-                        port = lease.rtp_port(),
-                        "media port in use elsewhere, skipped"
-                    );
+                    debug!(port = lease.rtp_port(), "media port in use elsewhere, skipped");
                 }
                 // Anything else (address not local, permission) is a node problem that
                 // no other port will fix.
                 Err(e) => return Err(MediaError::Io(e)),
             }
         }
-        warn!("no bindable media port pair left in the range");
         Err(MediaError::PortsExhausted)
     }
 }
@@ -356,13 +374,12 @@ fn set_dscp_ef(_sock: &Socket, _addr: SocketAddr) {}
 /// [`close`]: MediaSession::close
 pub struct MediaSession {
     inner: Arc<SessionInner>,
-    /// Dropped after `inner`, so in the usual case the sockets are closed before their
-    /// ports go back to the pool. If a relay task is in the middle of a wakeup, its
-    /// sockets outlive the lease by that wakeup (microseconds): the pool accounting stays
-    /// exact, and a pair that is still bound when handed out again is skipped like any
-    /// busy port (round-robin makes that next to impossible anyway).
+    /// The media thread serving the session, and the session's name there (its A pair).
+    shard: Arc<Shard>,
+    key: u16,
+    /// Given back after the thread was told to detach (commands run in order, so the
+    /// next session on these pairs is attached after this one is gone).
     _leases: [PairLease; 2],
-    tasks: Vec<JoinHandle<()>>,
     /// Advertised RTP address facing A and facing B.
     local: [SocketAddr; 2],
     bind_ip: IpAddr,
@@ -373,7 +390,7 @@ pub struct MediaSession {
 }
 
 /// The session's end of a recording in progress: per side (A, B), the line on which
-/// `finish_recording` asks the relay task for that side's track.
+/// `finish_recording` asks the media thread for that side's track.
 struct RecordingControl {
     finish: [oneshot::Sender<TrackReply>; 2],
 }
@@ -460,7 +477,7 @@ impl MediaSession {
     /// comfort noise, other codecs) are not recorded. Idempotent: while a recording
     /// runs, further calls change nothing, `opts` included.
     ///
-    /// The capture buffers are reserved here, in the caller, not in the relay task.
+    /// The capture buffers are reserved here, in the caller, not in the media thread.
     pub fn start_recording(&self, opts: RecordingOptions) {
         let mut control = self.recording.lock();
         if control.is_some() {
@@ -492,10 +509,10 @@ impl MediaSession {
     /// or no G.711 audio was relayed since.
     ///
     /// Call it before (or instead of) [`close`](MediaSession::close). Async because the
-    /// relay task owns the captured audio, which is what keeps capturing lock-free: it
-    /// hands its buffers over at the end of its current wakeup, with every packet it
-    /// relayed up to then, so calling this right after the last packet loses nothing.
-    /// The WAV is built on tokio's blocking pool, away from the relay and the caller.
+    /// media thread owns the captured audio, which is what keeps capturing lock-free: it
+    /// hands its buffers over when it next runs its commands, with every packet it
+    /// relayed up to then. The WAV is built on tokio's blocking pool, away from the
+    /// media thread and the caller.
     /// Recording can be started again afterwards.
     pub async fn finish_recording(&self) -> Option<Recording> {
         let (control, unclaimed) = {
@@ -505,19 +522,27 @@ impl MediaSession {
             (c, self.inner.take_unclaimed_arms())
         };
         let mut tracks: [Option<Track>; 2] = [None, None];
-        for ((track, request), arm) in tracks.iter_mut().zip(control.finish).zip(unclaimed) {
-            *track = match arm {
+        let mut answers: [Option<oneshot::Receiver<Track>>; 2] = [None, None];
+        for (((track, answer), request), arm) in tracks.iter_mut().zip(answers.iter_mut()).zip(control.finish).zip(unclaimed) {
+            match arm {
                 // No packet reached the relay since the start: nothing was captured.
-                Some(arm) => Some(arm.track),
+                Some(arm) => *track = Some(arm.track),
                 None => {
-                    let (reply, answer) = oneshot::channel();
-                    // Fails only if the relay task is gone, and with it the audio.
-                    match request.send(reply) {
-                        Ok(()) => answer.await.ok(),
-                        Err(_) => None,
+                    let (reply, rx) = oneshot::channel();
+                    // Fails only if the media thread dropped the arm, and with it the audio.
+                    if request.send(reply).is_ok() {
+                        *answer = Some(rx);
                     }
                 }
-            };
+            }
+        }
+        if answers.iter().any(Option::is_some) {
+            self.shard.send(Cmd::FinishRecording { key: self.key });
+        }
+        for (track, answer) in tracks.iter_mut().zip(answers) {
+            if let Some(rx) = answer {
+                *track = rx.await.ok();
+            }
         }
         let now = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || recording::render(tracks, now)).await {
@@ -540,11 +565,8 @@ impl MediaSession {
 
 impl Drop for MediaSession {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-        // `inner` and then the leases are dropped right after this: the relay tasks hold
-        // only a Weak, so the sockets close now (or at the end of a wakeup in progress)
-        // and the ports return to the pool now, whatever the runtime does next.
+        // Queued before the leases go back (they drop right after this), so the thread
+        // has let go of the pairs before any new session can be attached to them.
+        self.shard.send(Cmd::Detach { key: self.key });
     }
 }

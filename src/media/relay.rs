@@ -1,48 +1,38 @@
-//! The packet relay: per-session shared state and the hot loop.
+//! The packet relay: per-session shared state and what happens to one datagram.
 //!
 //! Socket indices: 0 = A RTP, 1 = A RTCP, 2 = B RTP, 3 = B RTCP. A packet received on
 //! socket `i` comes from the party of that side and leaves through socket `i ^ 2`
 //! towards the other party's slot `i ^ 2`.
 //!
-//! Hot-path rules: no allocation, no lock and no channel per packet. The relay keeps a
-//! private copy of the destinations and re-reads the shared copy only when a generation
-//! counter says it changed (set_remote, a latch, a recording started), which is one
-//! atomic load per wakeup.
+//! The sockets are served by the media threads ([`super::engine`]); a [`Relayer`] is the
+//! thread's private state of one session. Hot-path rules: no allocation, no lock and no
+//! channel per packet. The relayer keeps a private copy of the destinations and re-reads
+//! the shared copy only when a generation counter says it changed (set_remote, a latch,
+//! a recording started), which is one atomic load per packet.
 //!
 //! Recording: `start_recording` leaves one [`RecArm`] per direction in the shared state
-//! and bumps the generation; the task serving that direction's RTP socket claims it on
-//! its next wakeup and from then on owns the capture, so recording a packet is a copy
-//! into its own vectors, with no lock. `finish_recording` sends a reply line through the
-//! arm's oneshot; the task answers at the end of the wakeup with the track, every packet
-//! it relayed until then included.
+//! and bumps the generation; the relayer claims them on the next packet (or when asked
+//! to finish) and from then on owns the capture, so recording a packet is a copy into its
+//! own vectors, with no lock. `finish_recording` sends a reply line through the arm's
+//! oneshot and asks the media thread to answer: the track goes back with every packet
+//! relayed until then.
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Weak;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use socket2::{SockAddr, SockRef};
-use tokio::io::ReadBuf;
-use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tracing::{debug, trace};
 
+use super::engine::{send_to, PairSocks};
 use super::recording::Track;
 use super::{FlowStats, RelayStats};
-
-/// Receive buffer size. Carrier RTP is far below the Ethernet MTU; a datagram that
-/// fills the whole buffer may have been truncated by the kernel and is dropped rather
-/// than relayed corrupted.
-const BUF_LEN: usize = 8192;
-
-/// Max datagrams taken from one socket per wakeup before yielding to other tasks, so a
-/// flood on one call cannot starve the others.
-const BUDGET_PER_SOCKET: usize = 64;
 
 pub(crate) const A_RTP: usize = 0;
 pub(crate) const B_RTP: usize = 2;
@@ -55,8 +45,7 @@ fn rec_side(rtp_idx: usize) -> usize {
 /// Where `finish_recording` wants a track back.
 pub(crate) type TrackReply = oneshot::Sender<Track>;
 
-/// One direction of a recording, on its way to (or owned by) the relay task that serves
-/// that direction's RTP socket.
+/// One direction of a recording, on its way to (or owned by) the relayer.
 #[derive(Debug)]
 pub(crate) struct RecArm {
     pub(crate) track: Track,
@@ -97,14 +86,11 @@ impl Counters {
     }
 }
 
-/// Everything the relay task(s) and the owning `MediaSession` share.
-///
-/// The tasks hold only a `Weak` to it (upgraded for the length of one wakeup), so
-/// dropping the session closes the sockets right away, not whenever the runtime gets
-/// round to the aborted task.
+/// Everything the media thread and the owning `MediaSession` share.
 #[derive(Debug)]
 pub(crate) struct SessionInner {
-    pub(crate) socks: [UdpSocket; 4],
+    /// The two port pairs (A, B): sockets stay bound in the pool between calls.
+    pairs: [Arc<PairSocks>; 2],
     /// The sockets are AF_INET6: IPv4 destinations must be given as v4-mapped.
     v6_sockets: bool,
     slots: Mutex<[Slot; 4]>,
@@ -112,19 +98,28 @@ pub(crate) struct SessionInner {
     generation: AtomicU64,
     /// Indexed by the receiving socket.
     counters: [Counters; 4],
-    /// Recording arms not yet claimed by a relay task, by side (see [`rec_side`]).
+    /// Recording arms not yet claimed by the relayer, by side (see [`rec_side`]).
     rec_arms: Mutex<[Option<RecArm>; 2]>,
 }
 
 impl SessionInner {
-    pub(crate) fn new(socks: [UdpSocket; 4], v6_sockets: bool) -> Self {
+    pub(crate) fn new(pairs: [Arc<PairSocks>; 2], v6_sockets: bool) -> Self {
         Self {
-            socks,
+            pairs,
             v6_sockets,
             slots: Mutex::new([Slot::default(); 4]),
             generation: AtomicU64::new(0),
             counters: Default::default(),
             rec_arms: Mutex::default(),
+        }
+    }
+    /// Socket `idx` (0 = A RTP, 1 = A RTCP, 2 = B RTP, 3 = B RTCP).
+    pub(crate) fn sock(&self, idx: usize) -> &std::net::UdpSocket {
+        let pair = &self.pairs[idx / 2];
+        if idx.is_multiple_of(2) {
+            &pair.rtp
+        } else {
+            &pair.rtcp
         }
     }
 
@@ -181,22 +176,13 @@ impl SessionInner {
             a => a,
         }
     }
-
-    fn to_sock_addr(&self, addr: SocketAddr) -> SockAddr {
-        match addr {
-            SocketAddr::V4(v4) if self.v6_sockets => {
-                SockAddr::from(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
-            other => SockAddr::from(other),
-        }
-    }
 }
 
-/// The relay's private view of one slot.
+/// The relayer's private view of one slot.
 #[derive(Clone, Default)]
 struct CachedSlot {
     latched: bool,
-    dest: Option<SockAddr>,
+    dest: Option<SocketAddr>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -206,38 +192,33 @@ struct LocalCount {
     dropped: u64,
 }
 
-/// Per-task relay state: the reusable buffer, cached destinations, batched counters,
+/// The media thread's state of one plain session: cached destinations, batched counters
 /// and the recordings it captures.
-struct Relayer {
-    buf: Box<[u8]>,
+pub(crate) struct Relayer {
     generation: u64,
     cache: [CachedSlot; 4],
     counts: [LocalCount; 4],
-    /// Sides whose RTP socket this task serves, hence whose recording it captures.
-    records: [bool; 2],
     /// Recordings in progress, by side: owned here so capturing takes no lock.
     rec: [Option<RecArm>; 2],
 }
 
-/// Forces a reload of the shared state on the next wakeup.
+/// Forces a reload of the shared state on the next packet.
 const STALE: u64 = u64::MAX;
 
 impl Relayer {
-    fn new(only: Option<usize>) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             generation: STALE,
             cache: Default::default(),
             counts: [LocalCount::default(); 4],
-            records: [A_RTP, B_RTP].map(|rtp| only.is_none_or(|i| i == rtp)),
             rec: [None, None],
         }
     }
 
-    fn refresh(&mut self, inner: &SessionInner) {
+    pub(crate) fn refresh(&mut self, inner: &SessionInner) {
         let current = inner.generation.load(Ordering::Acquire);
         if current != self.generation {
-            // Noted before reading: a change made while we read shows up next wakeup.
+            // Noted before reading: a change made while we read shows up next time.
             self.generation = current;
             let slots = inner.slots.lock();
             self.load(inner, &slots);
@@ -250,12 +231,12 @@ impl Relayer {
     fn load(&mut self, inner: &SessionInner, slots: &[Slot; 4]) {
         for (c, s) in self.cache.iter_mut().zip(slots.iter()) {
             c.latched = s.latched.is_some();
-            c.dest = s.dest().map(|a| inner.to_sock_addr(a));
+            c.dest = s.dest().map(|a| inner.v6_dest(a));
         }
     }
 
     /// Latches slot `idx` to `src` and reloads the slots at once. The generation is left
-    /// stale, so the next wakeup reloads everything, including what changed meanwhile.
+    /// stale, so the next packet reloads everything, including what changed meanwhile.
     fn latch(&mut self, inner: &SessionInner, idx: usize, src: SocketAddr) {
         let mut slots = inner.slots.lock();
         if slots[idx].latched.is_none() {
@@ -266,13 +247,13 @@ impl Relayer {
         self.load(inner, &slots);
     }
 
-    /// Takes the recording arms for the sides this task serves. A side still busy with
-    /// the previous recording (its finish not answered yet) claims the new arm on the
-    /// wakeup after the answer (`poll_recording` marks the state stale).
+    /// Takes the recording arms. A side still busy with the previous recording (its
+    /// finish not answered yet) claims the new arm after the answer (`poll_recording`
+    /// marks the state stale).
     fn claim_recording(&mut self, inner: &SessionInner) {
         let mut arms = inner.rec_arms.lock();
         for side in 0..2 {
-            if self.records[side] && self.rec[side].is_none() {
+            if self.rec[side].is_none() {
                 if let Some(arm) = arms[side].take() {
                     debug!(side, "recording claimed by the relay");
                     self.rec[side] = Some(arm);
@@ -281,15 +262,17 @@ impl Relayer {
         }
     }
 
-    /// Answers `finish_recording` for each side that asked. Polling the oneshot registers
-    /// this task's waker, so a finish wakes the task even when no packet comes any more.
-    fn poll_recording(&mut self, cx: &mut Context<'_>) {
+    /// Answers `finish_recording` for each side that asked (the media thread calls this
+    /// when told a finish is waiting; the oneshot is polled without a waker).
+    pub(crate) fn poll_recording(&mut self, inner: &SessionInner) {
+        self.refresh(inner);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut answered = false;
         for slot in &mut self.rec {
             let Some(arm) = slot else {
                 continue;
             };
-            let Poll::Ready(request) = Pin::new(&mut arm.finish).poll(cx) else {
+            let Poll::Ready(request) = Pin::new(&mut arm.finish).poll(&mut cx) else {
                 continue;
             };
             // Either way the arm is done: taken out here, handed over or dropped.
@@ -304,68 +287,50 @@ impl Relayer {
         }
     }
 
-    /// Relays every datagram ready on socket `idx`. Returns true when it stopped because
-    /// of the per-wakeup budget (more may be waiting), false once the socket is drained
-    /// (the waker is then registered with the reactor).
-    fn drain(&mut self, inner: &SessionInner, idx: usize, cx: &mut Context<'_>) -> bool {
-        let sock = &inner.socks[idx];
+    /// One datagram received on socket `idx` from `src`: relayed to the other party,
+    /// counted, and captured if recording. Returns false when it was dropped.
+    pub(crate) fn on_packet(&mut self, inner: &SessionInner, idx: usize, data: &[u8], src: SocketAddr) -> bool {
+        self.refresh(inner);
+        if !self.cache[idx].latched {
+            self.latch(inner, idx, src);
+        }
         let out = idx ^ 2;
-        for _ in 0..BUDGET_PER_SOCKET {
-            let mut rb = ReadBuf::new(&mut self.buf);
-            let src = match sock.poll_recv_from(cx, &mut rb) {
-                Poll::Pending => return false,
-                Poll::Ready(Ok(src)) => src,
-                Poll::Ready(Err(e)) => {
-                    // Unconnected UDP sockets report almost nothing here (no ICMP errors);
-                    // whatever it is concerns one datagram, so count it and go on.
-                    trace!(slot = idx, error = %e, "media recv error");
-                    self.counts[idx].dropped += 1;
-                    continue;
-                }
-            };
-            let n = rb.filled().len();
-            if n >= self.buf.len() {
-                self.counts[idx].dropped += 1;
-                continue;
-            }
-            if !self.cache[idx].latched {
-                self.latch(inner, idx, src);
-            }
-            let Some(dest) = &self.cache[out].dest else {
-                self.counts[idx].dropped += 1;
-                continue;
-            };
-            // Sent straight through the fd rather than tokio's try_send_to, which refuses
-            // to even try until the reactor has reported the socket writable once. A UDP
-            // send only blocks when the socket buffer is full; media is then dropped,
-            // never queued (late audio is useless).
-            match SockRef::from(&inner.socks[out]).send_to(&self.buf[..n], dest) {
-                Ok(_) => {
-                    let c = &mut self.counts[idx];
-                    c.packets += 1;
-                    c.bytes += n as u64;
-                    // Only RTP (even sockets) carries audio. Captured after the send and
-                    // before this wakeup ends, so a finish that saw the packet arrive
-                    // gets it in the recording.
-                    if idx.is_multiple_of(2) {
-                        if let Some(arm) = &mut self.rec[rec_side(idx)] {
-                            arm.track.record(&self.buf[..n], Instant::now);
-                        }
+        let Some(dest) = self.cache[out].dest else {
+            self.counts[idx].dropped += 1;
+            return false;
+        };
+        // A UDP send only fails for a full socket buffer (or an unreachable network):
+        // media is then dropped, never queued (late audio is useless).
+        match send_to(inner.sock(out), data, dest) {
+            Ok(_) => {
+                let c = &mut self.counts[idx];
+                c.packets += 1;
+                c.bytes += data.len() as u64;
+                // Only RTP (even sockets) carries audio.
+                if idx.is_multiple_of(2) {
+                    if let Some(arm) = &mut self.rec[rec_side(idx)] {
+                        arm.track.record(data, Instant::now);
                     }
                 }
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        trace!(slot = out, error = %e, "media send error");
-                    }
-                    self.counts[idx].dropped += 1;
+                true
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    trace!(slot = out, error = %e, "media send error");
                 }
+                self.counts[idx].dropped += 1;
+                false
             }
         }
-        true
     }
 
-    /// Publishes the batched counters: a few atomic adds per wakeup, not per packet.
-    fn flush(&mut self, inner: &SessionInner) {
+    /// Counts a datagram received on `idx` and not relayed (oversize, unreadable).
+    pub(crate) fn count_dropped(&mut self, idx: usize) {
+        self.counts[idx].dropped += 1;
+    }
+
+    /// Publishes the batched counters: a few atomic adds per loop turn, not per packet.
+    pub(crate) fn flush(&mut self, inner: &SessionInner) {
         for (local, shared) in self.counts.iter_mut().zip(inner.counters.iter()) {
             if local.packets != 0 {
                 shared.packets.fetch_add(local.packets, Ordering::Relaxed);
@@ -377,39 +342,6 @@ impl Relayer {
             *local = LocalCount::default();
         }
     }
-}
-
-/// The relay task. `only = None` serves all four sockets of the session from one task;
-/// `Some(i)` serves socket `i` alone (one task per socket).
-///
-/// Written as a hand-rolled poll loop rather than `select!` over `readable()`: one
-/// wakeup polls each socket once and drains it, with no futures built per iteration.
-pub(crate) async fn run(weak: Weak<SessionInner>, only: Option<usize>) {
-    let mut relayer = Relayer::new(only);
-    poll_fn(move |cx| {
-        // The session owns the sockets; once it is gone there is nothing left to do.
-        let Some(inner) = weak.upgrade() else {
-            return Poll::Ready(());
-        };
-        relayer.refresh(&inner);
-        let mut more = false;
-        match only {
-            Some(idx) => more |= relayer.drain(&inner, idx, cx),
-            None => {
-                for idx in 0..4 {
-                    more |= relayer.drain(&inner, idx, cx);
-                }
-            }
-        }
-        relayer.poll_recording(cx);
-        relayer.flush(&inner);
-        if more {
-            // Budget used up with datagrams still queued: come back after the others ran.
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 /// Socket address for a party's RTCP when signalling gave only the RTP address.

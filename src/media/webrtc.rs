@@ -11,21 +11,19 @@
 //! becomes the offer to the other side, an answer from one side the answer to
 //! the other. A browser's offer is only accepted (str0m `accept_offer`) once the
 //! other side has answered, so that str0m answers the browser with exactly the
-//! G.711 codec the other side chose. The driver task ([`run`]) owns nothing but
-//! the sockets and a timer; media never passes through an actor.
+//! G.711 codec the other side chose. A media thread (`super::engine`) drives it:
+//! datagrams, timeouts, sends; media never passes through an actor.
 //!
 //! Offers crossbar makes to a browser are str0m's: `UDP/TLS/RTP/SAVPF`, BUNDLE,
 //! rtcp-mux, one host candidate at the configured public media address.
 
-use super::relay::SessionInner;
 use super::{FlowStats, RelayStats, Side};
 use crate::sip::b2bua::SdpAdapter;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, FormatParams};
 use str0m::media::{Direction, Frequency, MediaKind, Mid};
@@ -567,20 +565,26 @@ fn parse_rtp(d: &[u8]) -> Option<RtpOut> {
     })
 }
 
-/// What the bridge task and the call's signalling share.
+/// What the media thread and the call's signalling share.
 pub struct BridgeShared {
-    bridge: Mutex<Bridge>,
-    wake: tokio::sync::Notify,
-    relayed: [AtomicU64; 2],
+    pub(crate) bridge: Mutex<Bridge>,
+    /// The media thread serving the session and the session's key there.
+    shard: Arc<super::engine::Shard>,
+    key: u16,
 }
 
 impl BridgeShared {
-    pub fn new(bridge: Bridge) -> Arc<BridgeShared> {
-        Arc::new(BridgeShared { bridge: Mutex::new(bridge), wake: tokio::sync::Notify::new(), relayed: Default::default() })
+    pub(crate) fn new(bridge: Bridge, shard: Arc<super::engine::Shard>, key: u16) -> Arc<BridgeShared> {
+        Arc::new(BridgeShared { bridge: Mutex::new(bridge), shard, key })
     }
 
     pub fn stats(&self) -> RelayStats {
         self.bridge.lock().stats()
+    }
+
+    /// SDP changed the bridge: the media thread runs it at once (ICE, DTLS, timers).
+    fn kick(&self) {
+        self.shard.send(super::engine::Cmd::Kick { key: self.key });
     }
 }
 
@@ -596,49 +600,14 @@ impl std::fmt::Debug for BridgeSdp {
 impl SdpAdapter for BridgeSdp {
     fn offer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String> {
         let r = self.0.bridge.lock().offer(from, sdp, Instant::now());
-        self.0.wake.notify_one();
+        self.0.kick();
         r
     }
 
     fn answer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String> {
         let r = self.0.bridge.lock().answer(from, sdp, Instant::now());
-        self.0.wake.notify_one();
+        self.0.kick();
         r
-    }
-}
-
-/// The driver: reads both RTP sockets, feeds the bridge, sends what it yields.
-pub(crate) async fn run(inner: Arc<SessionInner>, shared: Arc<BridgeShared>) {
-    let (a, b) = (&inner.socks[super::relay::A_RTP], &inner.socks[super::relay::B_RTP]);
-    let mut buf_a = vec![0u8; 2048];
-    let mut buf_b = vec![0u8; 2048];
-    loop {
-        let deadline = shared.bridge.lock().poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
-        tokio::select! {
-            r = a.recv_from(&mut buf_a) => {
-                if let Ok((n, from)) = r {
-                    let from = super::relay::unmap(from);
-                    shared.bridge.lock().handle_receive(Side::A, from, &buf_a[..n], Instant::now());
-                }
-            }
-            r = b.recv_from(&mut buf_b) => {
-                if let Ok((n, from)) = r {
-                    let from = super::relay::unmap(from);
-                    shared.bridge.lock().handle_receive(Side::B, from, &buf_b[..n], Instant::now());
-                }
-            }
-            _ = sleep => shared.bridge.lock().handle_timeout(Instant::now()),
-            _ = shared.wake.notified() => shared.bridge.lock().handle_timeout(Instant::now()),
-        }
-        loop {
-            let Some((side, dest, bytes)) = shared.bridge.lock().poll_transmit() else { break };
-            let sock = if side == Side::A { a } else { b };
-            let dest = inner.v6_dest(dest);
-            if sock.try_send_to(&bytes, dest).is_ok() {
-                shared.relayed[idx(side)].fetch_add(1, Ordering::Relaxed);
-            }
-        }
     }
 }
 

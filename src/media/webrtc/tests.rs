@@ -2,6 +2,7 @@
 //! virtual clock moves time, datagrams are handed over in memory.
 
 use super::*;
+use std::time::Duration;
 
 const BROWSER_OFFER_NO_G711: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=rtpmap:111 opus/48000/2\r\na=sendrecv\r\n";
 
