@@ -124,6 +124,15 @@ trap cleanup EXIT
 
 # Datagrams the kernel dropped machine-wide because a socket's receive buffer
 # was full (/proc/net/snmp Udp RcvbufErrors): tells kernel drops from relay loss.
+# socket_drops IP PORT: datagrams the kernel dropped at that UDP socket (receive buffer
+# full), from the last column of /proc/net/udp.
+socket_drops() {
+    local iphex porthex
+    iphex=$(printf '%02X%02X%02X%02X' $(echo "$1" | awk -F. '{print $4, $3, $2, $1}'))
+    porthex=$(printf '%04X' "$2")
+    awk -v a="$iphex:$porthex" 'toupper($2) == a { d += $NF } END { print d + 0 }' /proc/net/udp
+}
+
 udp_rcvbuf_errors() {
     awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "RcvbufErrors") c = i; h = 1 } else { print $c; exit } }' /proc/net/snmp
 }
