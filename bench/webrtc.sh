@@ -40,14 +40,17 @@ web_root = "$ROOT/web/dist"
 TOML
 start_crossbar "$BIN" "$WORK/node"; CHILDREN+=("$CB_PID")
 
+ECHO_PORT=$(free_port 127.0.0.2)
 "$SIPP" -sf "$ROOT/tests/sipp/uas_echo_bench.xml" -i 127.0.0.2 -p "$TRUNK" \
-    -mi 127.0.0.2 -mp "$(free_port 127.0.0.2)" -rtp_echo -buff_size 4194304 \
+    -mi 127.0.0.2 -mp "$ECHO_PORT" -rtp_echo -buff_size 4194304 \
     -timeout $(( N / RATE + HOLD_S + 60 ))s -trace_err -error_file "$WORK/uas_errors.log" > "$WORK/uas.out" 2>&1 &
 UAS=$!; CHILDREN+=("$UAS")
 sleep 0.5
 
 echo "== str0m browsers -> SIP/WS -> crossbar (WebRTC<->RTP bridge) -> SIPp carrier (RTP echo)"
 "$LOAD" "127.0.0.1:$HTTP" "$CB_PID" "$N" "$HOLD_S" "$RATE" "$WINDOW_S" 2> "$WORK/load.err" | tee "$WORK/load.out"
+# SIPp's echo socket (one for all calls) overflows when SIPp is descheduled: its loss.
+SIPP_DROPS=$(socket_drops 127.0.0.2 "$ECHO_PORT")
 kill "$UAS" 2>/dev/null || true
 RESULT=$(grep '^RESULT' "$WORK/load.out" || true)
 [[ -n $RESULT ]] || { echo "bench: load client failed:" >&2; tail -20 "$WORK/load.err" >&2; exit 1; }
@@ -55,6 +58,10 @@ kv() { echo "$RESULT" | tr ' ' '\n' | awk -F= -v k="$1" '$1==k {print $2}'; }
 printf '  crossbar CPU:  %s%% of one core = %s%% per bridged call (target <= 0.1%%)\n' "$(kv cpu_pct)" "$(kv cpu_pct_per_call)"
 printf '  crossbar RSS:  %s kB idle, %s kB loaded = %s kB per call\n' "$(kv rss_kb_idle)" "$(kv rss_kb_loaded)" "$(kv rss_kb_per_call)"
 printf '  loss:          %s%% (%s sent, %s echoed back; target 0)\n' "$(kv loss_pct)" "$(kv sent)" "$(kv received)"
+sleep 1
+grep 'call ended' "$WORK/node/crossbar.err" | sed 's/\x1b\[[0-9;]*m//g' | awk -v sipp="$SIPP_DROPS" -v sent="$(kv sent)" '
+    { for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "a_to_b_packets") a += kv[2]; if (kv[1] == "b_to_a_packets") b += kv[2] } }
+    END { printf "  where:         crossbar bridged browser->carrier %d (of %d sent), carrier->browser %d; SIPp'"'"'s echo socket dropped %d\n", a, sent, b, sipp }' 
 kill "$CB_PID" 2>/dev/null || true
 
 if [[ -z "${SKIP_PLAIN:-}" ]]; then

@@ -44,6 +44,12 @@ use super::Side;
 /// Sleep after a turn that found packets, so the next turn serves many at once.
 pub(crate) const BATCH: Duration = Duration::from_micros(1000);
 
+/// A turn starting this long after the previous one is late: sockets are drained.
+const LATE: Duration = Duration::from_millis(3);
+
+/// Datagrams read from one socket per readiness event when late.
+const LATE_BUDGET: usize = 64;
+
 /// Readiness events taken per `epoll_wait`.
 const MAX_EVENTS: usize = 512;
 
@@ -200,6 +206,7 @@ impl Worker {
     fn run(mut self) {
         let blank = epoll::Event { flags: epoll::EventFlags::empty(), data: epoll::EventData::new_u64(0) };
         let mut events = vec![blank; MAX_EVENTS];
+        let mut last_turn = Instant::now();
         loop {
             let timeout = self.wait(Instant::now());
             let n = match epoll::wait(&self.shard.epfd, &mut events[..], Some(&timeout)) {
@@ -212,6 +219,12 @@ impl Worker {
                 }
             };
             let now = Instant::now();
+            // Late (the machine is busy, or a turn was long): sockets may hold several
+            // datagrams each, so drain them. On time, a socket holds at most one or two
+            // (20 ms media, a turn every ~BATCH) and one read per turn saves the read
+            // that would only find it empty; what is left is reported again next turn.
+            let budget = if now.duration_since(last_turn) > LATE { LATE_BUDGET } else { 1 };
+            last_turn = now;
             let mut packets = false;
             // Commands first: a session attached (or a pair registered) before a packet
             // for it was sent is known when that packet is read in this same turn.
@@ -223,7 +236,7 @@ impl Worker {
                 let token = ev.data.u64();
                 if token != WAKE_TOKEN {
                     packets = true;
-                    self.readable(token, now);
+                    self.readable(token, budget, now);
                 }
             }
             self.timers(Instant::now());
@@ -321,19 +334,27 @@ impl Worker {
     }
 
     /// One datagram from the socket named by `token`.
-    fn readable(&mut self, token: u64, now: Instant) {
+    /// Reads the socket named by `token`: one datagram, or up to `budget` when the
+    /// thread was late (see [`Worker::run`]).
+    fn readable(&mut self, token: u64, budget: usize, now: Instant) {
         let pair = (token >> 1) as usize;
         let rtcp = (token & 1) as usize;
         // Registered before any session could use the pair (commands run first).
-        let Some(socks) = self.socks.get(pair).and_then(Option::as_ref) else {
+        let Some(socks) = self.socks.get(pair).and_then(Option::as_ref).map(Arc::clone) else {
             return;
         };
         let sock = if rtcp == 0 { &socks.rtp } else { &socks.rtcp };
-        let (n, src) = match sock.recv_from(&mut self.buf) {
-            Ok(r) => r,
-            // Taken by an attach drain earlier in this turn, or an ICMP error report.
-            Err(_) => return,
-        };
+        for _ in 0..budget {
+            match sock.recv_from(&mut self.buf) {
+                Ok((n, src)) => self.datagram(pair, rtcp, n, src, now),
+                // Empty (the drain found the end), or an error report: next turn.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// One datagram of `n` bytes (in `self.buf`) from `src` on pair `pair`.
+    fn datagram(&mut self, pair: usize, rtcp: usize, n: usize, src: SocketAddr, now: Instant) {
         let owner = self.owner.get(pair).copied().unwrap_or(NO_OWNER);
         if owner == NO_OWNER {
             self.stale += 1;
