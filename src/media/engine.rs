@@ -14,9 +14,9 @@
 //! calls, ~50). That adds at most [`BATCH`] of latency to a packet, far below any jitter
 //! buffer; an idle node blocks in `epoll_wait` and costs nothing.
 //!
-//! Sockets are bound once per port pair and stay bound (and registered) for the life of
-//! the node (`ports::PortPool` keeps them between calls): opening a call's media is
-//! a lease and a message to the thread, with no system call. Packets that reach a pair
+//! A port pair's sockets are bound and registered once and then kept between calls
+//! (`ports::PortPool`; unbound here after a minute unused): opening a call's media is
+//! usually a lease and a message to the thread, with no system call. Packets that reach a pair
 //! no call holds (late packets of an ended call) are read and dropped as they come. (No
 //! draining at detach: commands run after the fact, and a drain then could eat the first
 //! packets of the next call on the same ports.) The pool's round-robin makes a pair wait
@@ -37,12 +37,16 @@ use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags, Timespec};
 use tracing::{debug, error, trace};
 
+use super::ports::{PortPool, IDLE_UNBIND};
 use super::relay::{unmap, Relayer, SessionInner};
 use super::webrtc::BridgeShared;
 use super::Side;
 
 /// Sleep after a turn that found packets, so the next turn serves many at once.
 pub(crate) const BATCH: Duration = Duration::from_micros(1000);
+
+/// How often idle bound pairs are looked for (and unbound).
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// A turn starting this long after the previous one is late: sockets are drained.
 const LATE: Duration = Duration::from_millis(3);
@@ -120,9 +124,8 @@ impl std::fmt::Debug for Cmd {
 }
 
 impl Shard {
-    /// Creates the epoll instance and starts the thread serving it. `pairs`: the size
-    /// of the node's port range in pairs (indices the thread may see).
-    pub(crate) fn start(index: usize, pairs: usize) -> io::Result<Arc<Shard>> {
+    /// Creates the epoll instance and starts the thread serving shard `index` of `pool`.
+    pub(crate) fn start(index: usize, pool: Arc<PortPool>) -> io::Result<Arc<Shard>> {
         let epfd = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let wake = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?;
         epoll::add(&epfd, &wake, epoll::EventData::new_u64(WAKE_TOKEN), epoll::EventFlags::IN)?;
@@ -130,7 +133,7 @@ impl Shard {
         let s = Arc::clone(&shard);
         thread::Builder::new()
             .name(format!("crossbar-media-{index}"))
-            .spawn(move || Worker::new(s, pairs).run())?;
+            .spawn(move || Worker::new(s, pool, index).run())?;
         Ok(shard)
     }
 
@@ -173,6 +176,8 @@ struct Session {
 
 struct Worker {
     shard: Arc<Shard>,
+    pool: Arc<PortPool>,
+    index: usize,
     /// Pair index → session slot << 1 | side (B = 1), or NO_OWNER.
     owner: Vec<u32>,
     /// Pair index → its sockets, once bound.
@@ -189,9 +194,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(shard: Arc<Shard>, pairs: usize) -> Self {
+    fn new(shard: Arc<Shard>, pool: Arc<PortPool>, index: usize) -> Self {
+        let pairs = pool.capacity();
         Self {
             shard,
+            pool,
+            index,
             owner: vec![NO_OWNER; pairs],
             socks: vec![None; pairs],
             sessions: Vec::new(),
@@ -207,6 +215,7 @@ impl Worker {
         let blank = epoll::Event { flags: epoll::EventFlags::empty(), data: epoll::EventData::new_u64(0) };
         let mut events = vec![blank; MAX_EVENTS];
         let mut last_turn = Instant::now();
+        let mut last_trim = last_turn;
         loop {
             let timeout = self.wait(Instant::now());
             let n = match epoll::wait(&self.shard.epfd, &mut events[..], Some(&timeout)) {
@@ -241,6 +250,13 @@ impl Worker {
             }
             self.timers(Instant::now());
             self.publish();
+            if now.duration_since(last_trim) >= TRIM_EVERY {
+                last_trim = now;
+                // Closed here: the pool forgot them, this is the last handle.
+                for idx in self.pool.trim(self.index, IDLE_UNBIND, now) {
+                    self.socks[usize::from(idx)] = None;
+                }
+            }
             if packets && n < MAX_EVENTS {
                 thread::sleep(BATCH);
             }

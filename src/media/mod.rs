@@ -184,7 +184,7 @@ impl MediaEngine {
         let threads = threads.max(1);
         let pool = Arc::new(PortPool::new(cfg.port_min, cfg.port_max, threads));
         let shards = (0..threads)
-            .map(|i| Shard::start(i, pool.capacity()))
+            .map(|i| Shard::start(i, Arc::clone(&pool)))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             inner: Arc::new(EngineInner { cfg, pool, shards, next: AtomicUsize::new(0) }),
@@ -265,18 +265,25 @@ impl MediaEngine {
         self.inner.pool.pairs_in_use() * 2
     }
 
+    /// UDP sockets bound now, in use or kept for the next calls (see `ports`).
+    pub fn sockets_bound(&self) -> usize {
+        self.inner.pool.bound_pairs() * 2
+    }
+
     /// Total UDP ports usable in the configured range (4 per session).
     pub fn ports_total(&self) -> usize {
         self.inner.pool.capacity() * 2
     }
 
-    /// Leases the next free pair of `shard` whose two ports can be bound (or were bound
-    /// before). A pair taken by another process is skipped (it goes back to the tail of
-    /// the pool and is retried later).
+    /// Leases a free pair of `shard` with its sockets: a bound one, or one bound now. A
+    /// pair taken by another process is skipped (it goes back to the tail of the pool
+    /// and is retried later); out of file descriptors, a bound pair still in quarantine
+    /// is better than no call.
     fn bind_next_pair(&self, shard: usize) -> Result<(PairLease, Arc<PairSocks>), MediaError> {
         let pool = &self.inner.pool;
+        let mut prefer_bound = false;
         for _ in 0..pool.free_in_shard(shard).max(1) {
-            let Some(lease) = PairLease::take(pool, shard) else {
+            let Some((lease, _)) = PairLease::take(pool, shard, prefer_bound) else {
                 return Err(MediaError::PortsExhausted);
             };
             let bound = pool.sockets(lease.idx(), |port| {
@@ -290,6 +297,10 @@ impl MediaEngine {
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                     debug!(port = lease.rtp_port(), "media port in use elsewhere, skipped");
                 }
+                Err(e) if e.raw_os_error() == Some(EMFILE) && !prefer_bound => {
+                    warn!("out of file descriptors for media sockets: reusing a pair in quarantine (raise the open-files limit)");
+                    prefer_bound = true;
+                }
                 // Anything else (address not local, permission) is a node problem that
                 // no other port will fix.
                 Err(e) => return Err(MediaError::Io(e)),
@@ -298,6 +309,9 @@ impl MediaEngine {
         Err(MediaError::PortsExhausted)
     }
 }
+
+/// errno "too many open files" (Linux).
+const EMFILE: i32 = 24;
 
 fn validate(cfg: &MediaConfig) -> Result<(), MediaError> {
     if cfg.port_min == 0 {

@@ -1,21 +1,42 @@
-//! RTP port pool: even RTP ports (RTCP = RTP + 1) handed out round-robin, each pair
-//! belonging to one media thread (shard): pair `i` is served by shard `i % shards`.
-//!
-//! Every shard's pool is a FIFO of free pair indices: allocation pops the front,
-//! release pushes the back. Both are O(1), and a just-freed pair is reused only after
-//! every other free pair of the shard has been handed out, so stray late packets of an
-//! old call don't reach the call that gets its ports next.
+//! RTP port pool: even RTP ports (RTCP = RTP + 1), each pair belonging to one media
+//! thread (shard): pair `i` is served by shard `i % shards`.
 //!
 //! A pair's sockets, once bound, stay bound (and registered with their media thread)
-//! for the life of the node: a call takes a pair without a single system call. The pool
-//! keeps them here between calls.
+//! between calls: a call usually takes a pair without a single system call. Each shard
+//! keeps two FIFO queues of free pairs:
+//!
+//! - bound pairs, each with the time it was freed. One is handed out again only after
+//!   [`QUARANTINE`], so packets still in flight for an ended call do not reach the next
+//!   call on the same ports, and round-robin: a freed pair waits behind every other.
+//! - never-bound pairs (or unbound again), taken when no bound pair is out of
+//!   quarantine; the caller binds them.
+//!
+//! So the node holds about as many sockets as its peak concurrency (plus a quarantine's
+//! worth of call set-ups), not the whole range: the open-files limit is usually lower
+//! than the range. Pairs idle for [`IDLE_UNBIND`] are unbound by their media thread
+//! (`trim`), so a peak's sockets do not stay forever.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::engine::PairSocks;
+
+/// A freed bound pair is not handed out again before this (unless nothing else is left).
+pub(crate) const QUARANTINE: Duration = Duration::from_millis(500);
+
+/// A bound pair free for this long is unbound (its sockets closed).
+pub(crate) const IDLE_UNBIND: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct ShardPool {
+    /// Free pairs with sockets, oldest-freed first.
+    bound: VecDeque<(u16, Instant)>,
+    /// Free pairs without sockets, in the order they will be bound.
+    unbound: VecDeque<u16>,
+}
 
 #[derive(Debug)]
 pub(crate) struct PortPool {
@@ -23,10 +44,15 @@ pub(crate) struct PortPool {
     base: u16,
     /// Number of RTP/RTCP pairs in the range.
     pairs: usize,
-    /// Free pair indices per shard, in the order they will be handed out.
-    free: Vec<Mutex<VecDeque<u16>>>,
+    shards: Vec<Mutex<ShardPool>>,
     /// The bound sockets of each pair, once bound (by pair index).
     socks: Vec<Mutex<Option<Arc<PairSocks>>>>,
+}
+
+/// What `take` hands out: a pair, and whether it still has to be bound.
+pub(crate) struct Taken {
+    pub(crate) idx: u16,
+    pub(crate) bound: bool,
 }
 
 impl PortPool {
@@ -36,15 +62,15 @@ impl PortPool {
         // A pair needs both p and p+1 inside [min, max]: floor((max - min + 1) / 2).
         let pairs = (usize::from(port_max) - usize::from(port_min)).div_ceil(2);
         let shards = shards.max(1);
-        let mut free: Vec<VecDeque<u16>> = (0..shards).map(|_| VecDeque::new()).collect();
+        let mut pools: Vec<ShardPool> = (0..shards).map(|_| ShardPool::default()).collect();
         // pairs <= 32768, so every index fits in u16.
         for i in (0..pairs).filter_map(|i| u16::try_from(i).ok()) {
-            free[usize::from(i) % shards].push_back(i);
+            pools[usize::from(i) % shards].unbound.push_back(i);
         }
         Self {
             base: port_min,
             pairs,
-            free: free.into_iter().map(Mutex::new).collect(),
+            shards: pools.into_iter().map(Mutex::new).collect(),
             socks: (0..pairs).map(|_| Mutex::new(None)).collect(),
         }
     }
@@ -56,34 +82,81 @@ impl PortPool {
 
     #[cfg(test)]
     pub(crate) fn shards(&self) -> usize {
-        self.free.len()
+        self.shards.len()
     }
 
     /// Pairs currently handed out (including ones being bound right now).
     pub(crate) fn pairs_in_use(&self) -> usize {
-        self.pairs - self.free.iter().map(|f| f.lock().len()).sum::<usize>()
+        let free: usize = self
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                s.bound.len() + s.unbound.len()
+            })
+            .sum();
+        self.pairs - free
     }
 
-    /// Pairs of one shard that are free now.
+    /// Pairs of one shard that are free now (bound or not).
     pub(crate) fn free_in_shard(&self, shard: usize) -> usize {
-        self.free[shard].lock().len()
+        let s = self.shards[shard].lock();
+        s.bound.len() + s.unbound.len()
     }
 
-    /// Takes the next free pair of `shard`: its index, or None when the shard is full.
-    fn take(&self, shard: usize) -> Option<u16> {
-        self.free[shard].lock().pop_front()
+    /// Bound pairs held by the pool or by calls (sockets open: 2 per pair).
+    pub(crate) fn bound_pairs(&self) -> usize {
+        self.socks.iter().filter(|s| s.lock().is_some()).count()
     }
 
-    /// Puts a pair back at the tail of its shard's queue.
+    /// Takes a free pair of `shard`: a bound one out of quarantine, else one to bind
+    /// (`prefer_bound`: any bound one, quarantine or not, e.g. when binding failed for
+    /// lack of file descriptors). None when the shard has no free pair.
+    pub(crate) fn take(&self, shard: usize, prefer_bound: bool, now: Instant) -> Option<Taken> {
+        let mut s = self.shards[shard].lock();
+        let ready = s.bound.front().is_some_and(|&(_, freed)| prefer_bound || now.duration_since(freed) >= QUARANTINE);
+        if ready {
+            return s.bound.pop_front().map(|(idx, _)| Taken { idx, bound: true });
+        }
+        if let Some(idx) = s.unbound.pop_front() {
+            return Some(Taken { idx, bound: false });
+        }
+        s.bound.pop_front().map(|(idx, _)| Taken { idx, bound: true })
+    }
+
+    /// Puts a pair back at the tail of its queue.
     fn give_back(&self, idx: u16) {
-        self.free[usize::from(idx) % self.free.len()].lock().push_back(idx);
+        let bound = self.socks[usize::from(idx)].lock().is_some();
+        let mut s = self.shards[usize::from(idx) % self.shards.len()].lock();
+        if bound {
+            s.bound.push_back((idx, Instant::now()));
+        } else {
+            s.unbound.push_back(idx);
+        }
+    }
+
+    /// Unbinds the pairs of `shard` free for longer than `idle`: returns them (their
+    /// media thread drops its handles, which closes the sockets).
+    pub(crate) fn trim(&self, shard: usize, idle: Duration, now: Instant) -> Vec<u16> {
+        let mut out = Vec::new();
+        let mut s = self.shards[shard].lock();
+        while let Some(&(idx, freed)) = s.bound.front() {
+            if now.duration_since(freed) < idle {
+                break;
+            }
+            s.bound.pop_front();
+            *self.socks[usize::from(idx)].lock() = None;
+            s.unbound.push_back(idx);
+            out.push(idx);
+        }
+        out
     }
 
     pub(crate) fn rtp_port(&self, idx: u16) -> u16 {
         self.base + idx * 2
     }
 
-    /// The pair's sockets if bound before, else `bind(rtp_port)`'s, kept for next time.
+    /// The pair's sockets: bound before, else `bind(rtp_port)`'s, kept for next time.
     pub(crate) fn sockets(&self, idx: u16, bind: impl FnOnce(u16) -> std::io::Result<Arc<PairSocks>>) -> std::io::Result<Arc<PairSocks>> {
         let mut slot = self.socks[usize::from(idx)].lock();
         if let Some(s) = &*slot {
@@ -103,11 +176,17 @@ pub(crate) struct PairLease {
 }
 
 impl PairLease {
-    /// Leases the next free pair of `shard`, or None when the shard is full.
-    pub(crate) fn take(pool: &Arc<PortPool>, shard: usize) -> Option<Self> {
-        pool.take(shard).map(|idx| Self {
-            pool: Arc::clone(pool),
-            idx,
+    /// Leases a free pair of `shard` (see [`PortPool::take`]), or None when the shard
+    /// is full. Also says whether the pair was bound already.
+    pub(crate) fn take(pool: &Arc<PortPool>, shard: usize, prefer_bound: bool) -> Option<(Self, bool)> {
+        pool.take(shard, prefer_bound, Instant::now()).map(|t| {
+            (
+                Self {
+                    pool: Arc::clone(pool),
+                    idx: t.idx,
+                },
+                t.bound,
+            )
         })
     }
 
@@ -134,20 +213,20 @@ mod tests {
     fn round_robin_not_lifo() {
         let pool = Arc::new(PortPool::new(30000, 30007, 1));
         assert_eq!(pool.capacity(), 4);
-        let a = PairLease::take(&pool, 0).unwrap();
+        let a = PairLease::take(&pool, 0, false).unwrap().0;
         assert_eq!(a.rtp_port(), 30000);
         drop(a);
         // The freed pair goes to the back: the next three allocations are fresh ports.
         let got: Vec<u16> = (0..4)
             .map(|_| {
-                let l = PairLease::take(&pool, 0).unwrap();
+                let l = PairLease::take(&pool, 0, false).unwrap().0;
                 let p = l.rtp_port();
                 std::mem::forget(l); // keep it out of the pool for this check
                 p
             })
             .collect();
         assert_eq!(got, vec![30002, 30004, 30006, 30000]);
-        assert!(PairLease::take(&pool, 0).is_none());
+        assert!(PairLease::take(&pool, 0, false).is_none());
         assert_eq!(pool.pairs_in_use(), 4);
     }
 
@@ -163,10 +242,10 @@ mod tests {
     fn lease_returns_on_drop() {
         let pool = Arc::new(PortPool::new(30100, 30103, 1));
         {
-            let _a = PairLease::take(&pool, 0).unwrap();
-            let _b = PairLease::take(&pool, 0).unwrap();
+            let _a = PairLease::take(&pool, 0, false).unwrap().0;
+            let _b = PairLease::take(&pool, 0, false).unwrap().0;
             assert_eq!(pool.pairs_in_use(), 2);
-            assert!(PairLease::take(&pool, 0).is_none());
+            assert!(PairLease::take(&pool, 0, false).is_none());
         }
         assert_eq!(pool.pairs_in_use(), 0);
     }
@@ -175,13 +254,61 @@ mod tests {
     fn shards_split_the_range() {
         let pool = Arc::new(PortPool::new(30200, 30215, 2)); // 8 pairs
         assert_eq!(pool.shards(), 2);
-        let a = PairLease::take(&pool, 0).unwrap();
-        let b = PairLease::take(&pool, 1).unwrap();
+        let a = PairLease::take(&pool, 0, false).unwrap().0;
+        let b = PairLease::take(&pool, 1, false).unwrap().0;
         assert_eq!((a.rtp_port(), b.rtp_port()), (30200, 30202));
-        assert_eq!(PairLease::take(&pool, 0).unwrap().rtp_port(), 30204);
+        assert_eq!(PairLease::take(&pool, 0, false).unwrap().0.rtp_port(), 30204);
         assert_eq!(pool.free_in_shard(0), 3, "the dropped lease went back to shard 0");
         drop(b);
         assert_eq!(pool.free_in_shard(1), 4);
         assert_eq!(pool.pairs_in_use(), 1);
+    }
+
+    fn socks() -> std::io::Result<Arc<PairSocks>> {
+        let b = || std::net::UdpSocket::bind("127.0.0.1:0");
+        Ok(Arc::new(PairSocks { rtp: b()?, rtcp: b()? }))
+    }
+
+    #[test]
+    fn bound_pairs_come_back_after_quarantine_then_unbind_when_idle() {
+        let pool = Arc::new(PortPool::new(30300, 30307, 1)); // 4 pairs
+        let t0 = Instant::now();
+        let a = pool.take(0, false, t0).unwrap();
+        assert!(!a.bound);
+        pool.sockets(a.idx, |_| socks()).unwrap();
+        pool.give_back(a.idx);
+        assert_eq!(pool.bound_pairs(), 1);
+        // Just freed: a never-bound pair is taken instead.
+        let b = pool.take(0, false, t0).unwrap();
+        assert_ne!(b.idx, a.idx);
+        assert!(!b.bound);
+        pool.give_back(b.idx);
+        // Out of quarantine: the bound pair again, no bind needed.
+        let again = pool.take(0, false, t0 + QUARANTINE + Duration::from_millis(10)).unwrap();
+        assert_eq!((again.idx, again.bound), (a.idx, true));
+        pool.give_back(again.idx);
+        // Out of descriptors: a bound pair even in quarantine.
+        let forced = pool.take(0, true, Instant::now()).unwrap();
+        assert_eq!((forced.idx, forced.bound), (a.idx, true));
+        pool.give_back(forced.idx);
+        // Idle long enough: unbound, and its sockets forgotten.
+        assert!(pool.trim(0, IDLE_UNBIND, Instant::now()).is_empty());
+        let trimmed = pool.trim(0, IDLE_UNBIND, Instant::now() + IDLE_UNBIND + Duration::from_secs(1));
+        assert_eq!(trimmed, vec![a.idx]);
+        assert_eq!(pool.bound_pairs(), 0);
+        assert_eq!(pool.pairs_in_use(), 0);
+    }
+
+    #[test]
+    fn with_every_pair_bound_and_in_quarantine_the_oldest_is_reused() {
+        let pool = Arc::new(PortPool::new(30400, 30403, 1)); // 2 pairs
+        let now = Instant::now();
+        for _ in 0..2 {
+            let t = pool.take(0, false, now).unwrap();
+            pool.sockets(t.idx, |_| socks()).unwrap();
+            pool.give_back(t.idx);
+        }
+        let t = pool.take(0, false, now).unwrap();
+        assert!(t.bound, "no unbound pair left: a bound one rather than a refusal");
     }
 }
