@@ -11,6 +11,16 @@
 //!
 //! usage: cargo run --release --example bridge_cost [SECONDS] (default 600)
 //! prints: `RESULT bridge_us_per_pkt=.. client_us_per_pkt=.. packets=.. ..`
+//!
+//! On the shared 2-core development machine (600 s call, 60 000 packets, five
+//! alternating runs each, medians; other load on the machine, so ±30 %):
+//! the bridge went from 2.2 µs/packet (a `Vec` per payload and per datagram,
+//! a queue of owned datagrams, transport-cc feedback every ~60 ms each way)
+//! to 1.9 µs with the bridge's own allocations and copies gone, and to
+//! 1.25 µs with transport-cc no longer negotiated (RTCP datagrams per
+//! direction: 10 080 → 120); the str0m client went from 2.1 to 1.4 µs.
+//! What is left is str0m's: SRTP (AES-256-GCM, about a third) and its
+//! poll/timeout machinery; the bridge's own code is under 3 % of it.
 
 use crossbar::media::webrtc::{Bridge, LegKind};
 use crossbar::media::Side;
@@ -227,6 +237,7 @@ fn main() {
         c.bridge_time(t);
     }
     let wall = wall0.elapsed();
+    let counters = bridge.stats();
     let cpu = Duration::from_nanos(thread_cpu_ns().saturating_sub(cpu0));
     // Other workloads on the machine preempt this thread inside timed calls
     // (wall > CPU): the thread's CPU time is shared out in proportion to the
@@ -238,6 +249,7 @@ fn main() {
     let packets = c.browser_got + c.to_carrier;
     let per = |d: Duration| d.as_secs_f64() * 1e6 / packets.max(1) as f64;
     println!("call of {seconds} s, 20 ms packets both ways: {} carrier→browser (browser got {}), {} browser→carrier", ticks, c.browser_got, c.to_carrier);
+    println!("bridge counters: {counters:?}");
     println!("datagrams bridge→browser {} (RTCP {}), browser→bridge {} (RTCP {})", c.datagrams_to_browser, c.rtcp_to_browser, c.datagrams_to_bridge, c.rtcp_to_bridge);
     println!("timed calls: bridge {} client {}, {} ns each for the clock reads (subtracted)", c.bridge_calls, c.client_calls, overhead.as_nanos());
     println!("bridge: {:.2} µs/packet   client alone (baseline): {:.2} µs/packet   thread CPU {:.2} µs/packet (wall {:.2})", per(bridge), per(client), per(cpu), per(wall));
