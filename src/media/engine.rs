@@ -61,6 +61,9 @@ const MAX_EVENTS: usize = 512;
 /// datagram that fills the whole buffer may have been truncated and is dropped.
 const BUF_LEN: usize = 8192;
 
+/// A bridge's outgoing datagram (SRTP or plain RTP, far below the MTU) fits here.
+const BRIDGE_OUT_LEN: usize = 2048;
+
 /// Longest `epoll_wait` when no bridge needs a timeout earlier.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
@@ -189,6 +192,8 @@ struct Worker {
     /// Slots running a bridge (timeouts to keep).
     bridges: Vec<u32>,
     buf: Box<[u8]>,
+    /// What a bridge sends is written here first.
+    out: Box<[u8]>,
     /// Datagrams that reached a pair no session holds.
     stale: u64,
 }
@@ -207,6 +212,7 @@ impl Worker {
             touched: Vec::new(),
             bridges: Vec::new(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            out: vec![0u8; BRIDGE_OUT_LEN].into_boxed_slice(),
             stale: 0,
         }
     }
@@ -404,7 +410,7 @@ impl Worker {
                 let from = unmap(src);
                 let mut g = b.bridge.lock();
                 g.handle_receive(side, from, data, now);
-                s.deadline = transmit(&mut g, &s.inner);
+                s.deadline = transmit(&mut g, &s.inner, &mut self.out);
             }
         }
     }
@@ -429,7 +435,7 @@ impl Worker {
         }
         let mut g = b.bridge.lock();
         g.handle_timeout(now);
-        s.deadline = transmit(&mut g, &s.inner);
+        s.deadline = transmit(&mut g, &s.inner, &mut self.out);
     }
 
     /// Publishes the counters of the sessions that saw packets this turn.
@@ -443,10 +449,10 @@ impl Worker {
     }
 }
 
-/// Sends what the bridge has to send; returns its next timeout.
-fn transmit(b: &mut super::webrtc::Bridge, inner: &SessionInner) -> Option<Instant> {
-    while let Some((side, dest, bytes)) = b.poll_transmit() {
-        if let Err(e) = send_to(inner.sock(side.rtp_idx()), &bytes, inner.v6_dest(dest)) {
+/// Sends what the bridge has to send (through `out`); returns its next timeout.
+fn transmit(b: &mut super::webrtc::Bridge, inner: &SessionInner, out: &mut [u8]) -> Option<Instant> {
+    while let Some((side, dest, n)) = b.poll_transmit(out) {
+        if let Err(e) = send_to(inner.sock(side.rtp_idx()), &out[..n], inner.v6_dest(dest)) {
             trace!(?side, error = %e, "bridge send failed");
         }
     }

@@ -6,7 +6,9 @@
 //! removed).
 //!
 //! [`Bridge`] is sans-IO: datagrams and timeouts in (each with `now`),
-//! datagrams out ([`Bridge::poll_transmit`]). SDP goes through it synchronously
+//! datagrams out ([`Bridge::poll_transmit`], into the caller's buffer: no
+//! allocation of the bridge's own per packet; str0m still allocates its
+//! SRTP output and the payload it is handed). SDP goes through it synchronously
 //! from the B2BUA ([`BridgeSdp`], a [`SdpAdapter`]): an offer from one side
 //! becomes the offer to the other side, an answer from one side the answer to
 //! the other. A browser's offer is only accepted (str0m `accept_offer`) once the
@@ -16,11 +18,32 @@
 //!
 //! Offers crossbar makes to a browser are str0m's: `UDP/TLS/RTP/SAVPF`, BUNDLE,
 //! rtcp-mux, one host candidate at the configured public media address.
+//!
+//! An offer that changes nothing (a carrier's session refresh, a re-INVITE
+//! repeating its offer) is not an error: as RFC 3264 §8 has it, the plain
+//! party gets the same SDP with the same `o=` version when it is the same
+//! (a changed one gets the next version), and a browser gets an offer of the
+//! current session (same ICE credentials and fingerprint, `actpass`), so
+//! neither ICE nor DTLS restarts.
+//!
+//! **RTCP.** Each side's RTCP ends at crossbar; none is passed through.
+//! str0m runs the browser leg's RTCP itself: sender reports for what it sends
+//! (the carrier's stream under str0m's SSRC), receiver reports for what the
+//! browser sends, every 5 s. The carrier's reports describe another hop and
+//! other SSRCs (its own, and crossbar's on the plain side): a browser ignores
+//! report blocks for SSRCs it does not know, and its round-trip and loss
+//! figures would be wrong if it took them, so there is nothing worth handing
+//! over, and str0m has no API to send foreign RTCP anyway. The same holds the
+//! other way for the browser's reports. What is lost is end-to-end quality
+//! reporting across the bridge; crossbar's own counters ([`Bridge::stats`])
+//! cover each hop. RTCP a plain party multiplexes on its RTP port is counted
+//! as dropped, not relayed; RTCP to and from the plain party's RTCP port is
+//! the driver's business (the plain relay in `relay.rs` passes it as is when
+//! both sides are plain).
 
 use super::{FlowStats, RelayStats, Side};
 use crate::sip::b2bua::SdpAdapter;
 use parking_lot::Mutex;
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,7 +51,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, FormatParams};
 use str0m::media::{Direction, Frequency, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{RtpWrite, SeqNo};
+use str0m::rtp::{Extension, RtpWrite, SeqNo, Ssrc};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
 /// What a call leg's media is.
@@ -215,6 +238,9 @@ struct WebRtcLeg {
     /// Our host candidate: public media IP and this leg's port.
     candidate: SocketAddr,
     mid: Option<Mid>,
+    /// Our send stream once negotiated: one map lookup per packet instead of a
+    /// search by mid.
+    tx_ssrc: Option<Ssrc>,
     /// Our offer to the browser, waiting for its answer.
     pending: Option<SdpPendingOffer>,
     /// The browser's offer, waiting for the other side's answer.
@@ -222,14 +248,86 @@ struct WebRtcLeg {
     last_answer: Option<Vec<u8>>,
     seq: SeqExtender,
     connected: bool,
-    /// When str0m next wants `Input::Timeout`.
+    /// When str0m next wants `Input::Timeout` (valid while `!dirty`).
     timeout: Option<Instant>,
+    /// str0m had input since its output was last drained to `Output::Timeout`.
+    dirty: bool,
+}
+
+impl WebRtcLeg {
+    fn new(candidate: SocketAddr) -> WebRtcLeg {
+        WebRtcLeg { rtc: None, candidate, mid: None, tx_ssrc: None, pending: None, offer_in: None, last_answer: None, seq: SeqExtender::default(), connected: false, timeout: None, dirty: false }
+    }
+
+    /// Hands one RTP packet from the other party to str0m (which adds SRTP).
+    /// False when this leg cannot send yet (ICE/DTLS not up, nothing negotiated).
+    fn send_rtp(&mut self, h: &RtpFields, payload: Arc<[u8]>, now: Instant) -> bool {
+        let (Some(rtc), true) = (self.rtc.as_mut(), self.connected) else { return false };
+        let seq = SeqNo::from(self.seq.extend(h.seq));
+        let mut api = rtc.direct_api();
+        let tx = match self.tx_ssrc {
+            Some(ssrc) => api.stream_tx(&ssrc),
+            None => {
+                let Some(mid) = self.mid else { return false };
+                let tx = api.stream_tx_by_mid(mid, None);
+                self.tx_ssrc = tx.as_ref().map(|t| t.ssrc());
+                tx
+            }
+        };
+        let Some(tx) = tx else { return false };
+        tx.write_rtp(RtpWrite::new(h.pt.into(), seq, h.ts, now, payload).marker(h.marker));
+        // str0m releases written packets to its pacer on a timeout: without this
+        // the packet would wait for the next datagram or timer of this leg.
+        if let Err(e) = rtc.handle_input(Input::Timeout(now)) {
+            tracing::debug!("WebRTC timeout refused: {e}");
+        }
+        self.dirty = true;
+        true
+    }
+
+    /// Any change of str0m's state through the SDP API: its output must be drained.
+    fn touched(&mut self) {
+        self.dirty = true;
+        self.tx_ssrc = None;
+    }
 }
 
 struct PlainLeg {
     local: SocketAddr,
     sdp_remote: Option<SocketAddr>,
     latched: Option<SocketAddr>,
+    /// The last SDP sent to this party and its `o=` version: an SDP identical
+    /// to it keeps that version (RFC 3264 §8), a changed one gets the next.
+    sent: Option<(u64, Vec<u8>)>,
+}
+
+impl PlainLeg {
+    /// The party's SDP address; a new one ends the latch (the party moved its media).
+    fn set_remote(&mut self, addr: Option<SocketAddr>) {
+        let addr = addr.filter(|a| !a.ip().is_unspecified() && a.port() != 0);
+        if addr != self.sdp_remote {
+            self.sdp_remote = addr;
+            self.latched = None;
+        }
+    }
+
+    /// Where its RTP goes: where the party really sends from (symmetric RTP), else its SDP.
+    fn dest(&self) -> Option<SocketAddr> {
+        self.latched.or(self.sdp_remote)
+    }
+
+    /// crossbar's SDP for this party, versioned against the last one it got.
+    fn sdp(&mut self, codecs: &[AudioCodec], direction: Direction) -> Vec<u8> {
+        let version = self.sent.as_ref().map_or(1, |(v, _)| *v);
+        let mut body = plain_sdp(self.local, codecs, direction, version);
+        if self.sent.as_ref().is_some_and(|(_, last)| *last != body) {
+            body = plain_sdp(self.local, codecs, direction, version + 1);
+            self.sent = Some((version + 1, body.clone()));
+        } else if self.sent.is_none() {
+            self.sent = Some((version, body.clone()));
+        }
+        body
+    }
 }
 
 enum Leg {
@@ -238,10 +336,11 @@ enum Leg {
 }
 
 /// The media of a call with at least one WebRTC leg (sans-IO).
+///
+/// Contract (str0m's): after each `handle_*`, `offer` or `answer`, call
+/// [`Bridge::poll_transmit`] until it returns `None`, then [`Bridge::poll_timeout`].
 pub struct Bridge {
     legs: [Leg; 2],
-    version: u64,
-    out: VecDeque<(Side, SocketAddr, Vec<u8>)>,
     stats: [FlowStats; 2],
 }
 
@@ -252,28 +351,55 @@ fn idx(side: Side) -> usize {
     }
 }
 
+fn side_of(i: usize) -> Side {
+    if i == 0 {
+        Side::A
+    } else {
+        Side::B
+    }
+}
+
+/// The two legs, the one at `i` first.
+fn pair(legs: &mut [Leg; 2], i: usize) -> (&mut Leg, &mut Leg) {
+    let [a, b] = legs;
+    if i == 0 {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// An offer for the session as it is, when the other party's offer changed
+/// nothing (a session refresh, a repeated re-INVITE): RFC 3264 §8 re-offers
+/// the current session. str0m only makes offers for changes, so the direction
+/// goes away and back within one change set; the offer carries the current
+/// direction, codecs, ICE credentials and fingerprint, and `a=setup:actpass`
+/// (RFC 8842 §5.5). Going away first only to a direction that keeps sending
+/// means str0m at most forgets its receive loss register (no NACK for G.711).
+fn offer_unchanged(rtc: &mut Rtc, mid: Mid) -> Option<(SdpOffer, SdpPendingOffer)> {
+    let current = rtc.media(mid)?.direction();
+    let away = match current {
+        Direction::SendRecv => Direction::SendOnly,
+        _ => Direction::SendRecv,
+    };
+    let mut api = rtc.sdp_api();
+    api.set_direction(mid, away);
+    api.set_direction(mid, current);
+    api.apply()
+}
+
 impl Bridge {
     /// `local[i]` is the advertised address of side i's RTP socket.
     pub fn new(kinds: [LegKind; 2], local: [SocketAddr; 2]) -> Bridge {
         let mk = |k: LegKind, l: SocketAddr| match k {
-            LegKind::Plain => Leg::Plain(PlainLeg { local: l, sdp_remote: None, latched: None }),
-            LegKind::WebRtc => Leg::WebRtc(Box::new(WebRtcLeg {
-                rtc: None,
-                candidate: l,
-                mid: None,
-                pending: None,
-                offer_in: None,
-                last_answer: None,
-                seq: SeqExtender::default(),
-                connected: false,
-                timeout: None,
-            })),
+            LegKind::Plain => Leg::Plain(PlainLeg { local: l, sdp_remote: None, latched: None, sent: None }),
+            LegKind::WebRtc => Leg::WebRtc(Box::new(WebRtcLeg::new(l))),
         };
-        Bridge { legs: [mk(kinds[0], local[0]), mk(kinds[1], local[1])], version: 1, out: VecDeque::new(), stats: Default::default() }
+        Bridge { legs: [mk(kinds[0], local[0]), mk(kinds[1], local[1])], stats: Default::default() }
     }
 
     fn build_rtc(candidate: SocketAddr, codecs: &[AudioCodec], now: Instant) -> Result<Rtc, String> {
-        let mut cfg = RtcConfig::new().set_ice_lite(true).set_rtp_mode(true).clear_codecs();
+        let mut cfg = rtc_config();
         for c in codecs {
             let codec = match c.format {
                 AudioFormat::Pcmu => Codec::PCMU,
@@ -290,34 +416,42 @@ impl Bridge {
     }
 
     /// `from` sent an SDP offer: returns the offer for the other side.
+    ///
+    /// An offer that changes nothing (RFC 3264 §8: a session refresh, a repeated
+    /// re-INVITE) still gets one: the plain party's SDP keeps its `o=` version
+    /// when it is the same, a browser gets an offer of the current session.
     pub fn offer(&mut self, from: Side, sdp: &[u8], now: Instant) -> Result<Vec<u8>, String> {
         let text = std::str::from_utf8(sdp).map_err(|_| "SDP is not UTF-8".to_string())?;
         let desc = parse_audio(text)?;
         match &mut self.legs[idx(from)] {
-            Leg::Plain(p) => {
-                p.sdp_remote = desc.addr.filter(|a| !a.ip().is_unspecified() && a.port() != 0);
-                p.latched = None;
-            }
+            Leg::Plain(p) => p.set_remote(desc.addr),
             Leg::WebRtc(w) => {
                 SdpOffer::from_sdp_string(text).map_err(|e| format!("invalid WebRTC offer: {e}"))?;
                 w.offer_in = Some(text.to_string());
             }
         }
-        self.version += 1;
-        let version = self.version;
         match &mut self.legs[idx(from.other())] {
-            Leg::Plain(p) => Ok(plain_sdp(p.local, &desc.codecs, desc.direction, version)),
+            Leg::Plain(p) => Ok(p.sdp(&desc.codecs, desc.direction)),
             Leg::WebRtc(w) => {
                 if w.rtc.is_none() {
                     w.rtc = Some(Self::build_rtc(w.candidate, &desc.codecs, now)?);
                 }
+                w.touched();
                 let rtc = w.rtc.as_mut().expect("built above");
                 let mut api = rtc.sdp_api();
-                match w.mid {
-                    None => w.mid = Some(api.add_media(MediaKind::Audio, desc.direction, None, None, None)),
-                    Some(mid) => api.set_direction(mid, desc.direction),
-                }
-                let (offer, pending) = api.apply().ok_or_else(|| "nothing changed in the media offer".to_string())?;
+                let (offer, pending) = match w.mid {
+                    None => {
+                        w.mid = Some(api.add_media(MediaKind::Audio, desc.direction, None, None, None));
+                        api.apply().expect("adding media is a change")
+                    }
+                    Some(mid) => {
+                        api.set_direction(mid, desc.direction);
+                        match api.apply() {
+                            Some(changed) => changed,
+                            None => offer_unchanged(rtc, mid).ok_or_else(|| "the browser leg has no audio to offer".to_string())?,
+                        }
+                    }
+                };
                 w.pending = Some(pending);
                 Ok(offer.to_sdp_string().into_bytes())
             }
@@ -330,21 +464,17 @@ impl Bridge {
         let desc = parse_audio(text)?;
         let chosen = choose(&desc.codecs);
         match &mut self.legs[idx(from)] {
-            Leg::Plain(p) => {
-                p.sdp_remote = desc.addr.filter(|a| !a.ip().is_unspecified() && a.port() != 0);
-                p.latched = None;
-            }
+            Leg::Plain(p) => p.set_remote(desc.addr),
             Leg::WebRtc(w) => {
                 if let (Some(pending), Some(rtc)) = (w.pending.take(), w.rtc.as_mut()) {
                     let ans = SdpAnswer::from_sdp_string(text).map_err(|e| format!("invalid WebRTC answer: {e}"))?;
                     rtc.sdp_api().accept_answer(pending, ans).map_err(|e| format!("WebRTC answer not acceptable: {e}"))?;
+                    w.touched();
                 }
             }
         }
-        self.version += 1;
-        let version = self.version;
         match &mut self.legs[idx(from.other())] {
-            Leg::Plain(p) => Ok(plain_sdp(p.local, &chosen, desc.direction, version)),
+            Leg::Plain(p) => Ok(p.sdp(&chosen, desc.direction)),
             Leg::WebRtc(w) => {
                 let Some(offer) = w.offer_in.take() else {
                     return w.last_answer.clone().ok_or_else(|| "no offer from the browser to answer".to_string());
@@ -352,13 +482,14 @@ impl Bridge {
                 if w.rtc.is_none() {
                     w.rtc = Some(Self::build_rtc(w.candidate, &chosen, now)?);
                 }
+                w.touched();
                 let rtc = w.rtc.as_mut().expect("built above");
                 let offer = SdpOffer::from_sdp_string(&offer).map_err(|e| format!("invalid WebRTC offer: {e}"))?;
                 let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| format!("WebRTC offer not acceptable: {e}"))?;
-                if w.mid.is_none() {
-                    w.mid = parse_audio(&answer.to_sdp_string()).ok().and_then(|d| d.mid).map(|m| Mid::from(m.as_str()));
-                }
                 let bytes = answer.to_sdp_string().into_bytes();
+                if w.mid.is_none() {
+                    w.mid = std::str::from_utf8(&bytes).ok().and_then(|s| parse_audio(s).ok()).and_then(|d| d.mid).map(|m| Mid::from(m.as_str()));
+                }
                 w.last_answer = Some(bytes.clone());
                 Ok(bytes)
             }
@@ -367,17 +498,21 @@ impl Bridge {
 
     /// A datagram arrived on `side`'s socket from `from`.
     pub fn handle_receive(&mut self, side: Side, from: SocketAddr, data: &[u8], now: Instant) {
-        match &mut self.legs[idx(side)] {
+        let i = idx(side);
+        let (this, other) = pair(&mut self.legs, i);
+        match this {
             Leg::Plain(p) => {
-                let Some(pkt) = parse_rtp(data) else {
-                    self.stats[idx(side)].dropped += 1;
+                let Some((h, payload)) = parse_rtp(data) else {
+                    self.stats[i].dropped += 1;
                     return;
                 };
                 // Symmetric RTP: answer where the party really sends from.
-                if p.latched != Some(from) {
-                    p.latched = Some(from);
-                }
-                self.forward(side, pkt, now);
+                p.latched = Some(from);
+                let sent = match other {
+                    Leg::WebRtc(w) => w.send_rtp(&h, Arc::from(payload), now),
+                    Leg::Plain(_) => false,
+                };
+                self.stats[i].count(sent, data.len());
             }
             Leg::WebRtc(w) => {
                 let Some(rtc) = w.rtc.as_mut() else { return };
@@ -387,108 +522,85 @@ impl Bridge {
                     if let Err(e) = rtc.handle_input(input) {
                         tracing::debug!(?side, "WebRTC input refused: {e}");
                     }
+                    w.dirty = true;
                 }
-                self.drain(side, now);
             }
         }
     }
 
-    /// Time passed (or SDP changed a leg): feeds due timeouts to the WebRTC legs.
+    /// Time passed: feeds due timeouts to the WebRTC legs.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for side in [Side::A, Side::B] {
-            if let Leg::WebRtc(w) = &mut self.legs[idx(side)] {
+        for leg in &mut self.legs {
+            if let Leg::WebRtc(w) = leg {
                 if let Some(rtc) = w.rtc.as_mut() {
                     if w.timeout.is_none_or(|t| t <= now) {
                         let _ = rtc.handle_input(Input::Timeout(now));
+                        w.dirty = true;
                     }
                 }
-                self.drain(side, now);
             }
         }
     }
 
-    /// Drains one WebRTC leg's output: datagrams to send, RTP to forward.
-    fn drain(&mut self, side: Side, now: Instant) {
-        let mut forward: Vec<RtpOut> = Vec::new();
-        {
-            let Leg::WebRtc(w) = &mut self.legs[idx(side)] else { return };
-            let Some(rtc) = w.rtc.as_mut() else { return };
-            loop {
-                match rtc.poll_output() {
-                    Ok(Output::Timeout(t)) => {
-                        w.timeout = Some(t);
-                        break;
+    /// The next datagram to send, written into `buf` (2048 bytes are always
+    /// enough: str0m's MTU and any RTP a plain party can send over UDP):
+    /// `(side whose socket sends it, destination, length)`. `None` once both
+    /// legs are drained; call it until then after every input.
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(Side, SocketAddr, usize)> {
+        loop {
+            let i = self.legs.iter().position(|l| matches!(l, Leg::WebRtc(w) if w.dirty))?;
+            let (this, other) = pair(&mut self.legs, i);
+            let Leg::WebRtc(w) = this else { return None };
+            let Some(rtc) = w.rtc.as_mut() else {
+                w.dirty = false;
+                continue;
+            };
+            match rtc.poll_output() {
+                Ok(Output::Timeout(t)) => {
+                    w.timeout = Some(t);
+                    w.dirty = false;
+                }
+                Ok(Output::Transmit(t)) => match buf.get_mut(..t.contents.len()) {
+                    Some(out) => {
+                        out.copy_from_slice(&t.contents);
+                        return Some((side_of(i), t.destination, t.contents.len()));
                     }
-                    Ok(Output::Transmit(t)) => self.out.push_back((side, t.destination, t.contents.to_vec())),
-                    Ok(Output::Event(e)) => match e {
-                        Event::RtpPacket(p) => forward.push(RtpOut {
-                            pt: *p.header.payload_type,
-                            seq: *p.seq_no as u16,
-                            ts: p.header.timestamp,
-                            marker: p.header.marker,
-                            ssrc: *p.header.ssrc,
-                            payload: p.payload.to_vec(),
-                        }),
-                        Event::Connected => {
-                            w.connected = true;
-                            tracing::debug!(?side, "WebRTC leg connected (ICE + DTLS)");
+                    None => tracing::debug!(len = t.contents.len(), "transmit buffer too small, datagram dropped"),
+                },
+                Ok(Output::Event(Event::RtpPacket(p))) => {
+                    let h = RtpFields { pt: *p.header.payload_type, seq: p.header.sequence_number, ts: p.header.timestamp, marker: p.header.marker, ssrc: *p.header.ssrc };
+                    let len = 12 + p.payload.len();
+                    match other {
+                        Leg::Plain(pl) => {
+                            let dest = pl.dest();
+                            let n = dest.and_then(|_| write_plain_rtp(buf, &h, &p.payload));
+                            self.stats[i].count(n.is_some(), len);
+                            if let (Some(dest), Some(n)) = (dest, n) {
+                                return Some((side_of(i).other(), dest, n));
+                            }
                         }
-                        Event::IceConnectionStateChange(s) => tracing::debug!(?side, ?s, "WebRTC ICE state"),
-                        Event::MediaAdded(m) if w.mid.is_none() => w.mid = Some(m.mid),
-                        _ => {}
-                    },
-                    Err(e) => {
-                        tracing::debug!(?side, "WebRTC leg error: {e}");
-                        break;
+                        Leg::WebRtc(o) => {
+                            // The packet's arrival time is this work's `now`.
+                            let sent = o.send_rtp(&h, p.payload, p.timestamp);
+                            self.stats[i].count(sent, len);
+                        }
                     }
                 }
-            }
-        }
-        for p in forward {
-            self.forward(side, p, now);
-        }
-    }
-
-    /// RTP received from `from`'s party → the other party.
-    fn forward(&mut self, from: Side, p: RtpOut, now: Instant) {
-        let to = from.other();
-        let len = p.payload.len() as u64 + 12;
-        let ok = match &mut self.legs[idx(to)] {
-            Leg::Plain(pl) => match pl.latched.or(pl.sdp_remote) {
-                Some(dest) => {
-                    self.out.push_back((to, dest, p.to_bytes()));
-                    true
-                }
-                None => false,
-            },
-            Leg::WebRtc(w) => {
-                let seq = w.seq.extend(p.seq);
-                match (w.rtc.as_mut(), w.mid) {
-                    (Some(rtc), Some(mid)) if w.connected => match rtc.direct_api().stream_tx_by_mid(mid, None) {
-                        Some(tx) => {
-                            tx.write_rtp(RtpWrite::new(p.pt.into(), SeqNo::from(seq), p.ts, now, p.payload).marker(p.marker));
-                            true
-                        }
-                        None => false,
-                    },
-                    _ => false,
+                Ok(Output::Event(e)) => match e {
+                    Event::Connected => {
+                        w.connected = true;
+                        tracing::debug!(side = ?side_of(i), "WebRTC leg connected (ICE + DTLS)");
+                    }
+                    Event::IceConnectionStateChange(s) => tracing::debug!(side = ?side_of(i), ?s, "WebRTC ICE state"),
+                    Event::MediaAdded(m) if w.mid.is_none() => w.mid = Some(m.mid),
+                    _ => {}
+                },
+                Err(e) => {
+                    tracing::debug!(side = ?side_of(i), "WebRTC leg error: {e}");
+                    w.dirty = false;
                 }
             }
-        };
-        let s = &mut self.stats[idx(from)];
-        if ok {
-            s.packets += 1;
-            s.bytes += len;
-        } else {
-            s.dropped += 1;
         }
-        if ok && matches!(self.legs[idx(to)], Leg::WebRtc(_)) {
-            self.drain(to, now);
-        }
-    }
-
-    pub fn poll_transmit(&mut self) -> Option<(Side, SocketAddr, Vec<u8>)> {
-        self.out.pop_front()
     }
 
     /// The earliest time a WebRTC leg needs [`Bridge::handle_timeout`].
@@ -511,30 +623,57 @@ impl Bridge {
     }
 }
 
-struct RtpOut {
+/// str0m's configuration for a browser leg: what a G.711 relay needs and no more.
+///
+/// RTP mode: packets pass as they are, no depacketising. Of the RTP header
+/// extensions only `mid` (BUNDLE demultiplexing): str0m's default map also
+/// negotiates transport-wide congestion control, whose feedback (an RTCP
+/// packet every ~60 ms each way, str0m's heaviest per-packet work in
+/// `examples/bridge_cost.rs`) feeds a bandwidth estimate a fixed-rate G.711
+/// relay never uses; abs-send-time and audio-level would be written on every
+/// packet for nobody. Stats events stay off (str0m's default), and G.711 is
+/// configured without RTX/NACK.
+fn rtc_config() -> RtcConfig {
+    RtcConfig::new().set_ice_lite(true).set_rtp_mode(true).clear_codecs().clear_extension_map().set_extension(4, Extension::RtpMid)
+}
+
+impl FlowStats {
+    fn count(&mut self, relayed: bool, len: usize) {
+        if relayed {
+            self.packets += 1;
+            self.bytes += len as u64;
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
+/// The RTP header fields the bridge carries from one leg to the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RtpFields {
     pt: u8,
     seq: u16,
     ts: u32,
     marker: bool,
     ssrc: u32,
-    payload: Vec<u8>,
 }
 
-impl RtpOut {
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(12 + self.payload.len());
-        b.push(0x80);
-        b.push((self.pt & 0x7f) | if self.marker { 0x80 } else { 0 });
-        b.extend_from_slice(&self.seq.to_be_bytes());
-        b.extend_from_slice(&self.ts.to_be_bytes());
-        b.extend_from_slice(&self.ssrc.to_be_bytes());
-        b.extend_from_slice(&self.payload);
-        b
-    }
+/// Writes a plain RTP packet (12-byte header, no CSRC or extension) into `buf`:
+/// its length, or `None` if it does not fit.
+fn write_plain_rtp(buf: &mut [u8], h: &RtpFields, payload: &[u8]) -> Option<usize> {
+    let n = 12 + payload.len();
+    let out = buf.get_mut(..n)?;
+    out[0] = 0x80;
+    out[1] = (h.pt & 0x7f) | if h.marker { 0x80 } else { 0 };
+    out[2..4].copy_from_slice(&h.seq.to_be_bytes());
+    out[4..8].copy_from_slice(&h.ts.to_be_bytes());
+    out[8..12].copy_from_slice(&h.ssrc.to_be_bytes());
+    out[12..].copy_from_slice(payload);
+    Some(n)
 }
 
 /// A plain RTP packet's header fields and payload (CSRCs, extension and padding skipped).
-fn parse_rtp(d: &[u8]) -> Option<RtpOut> {
+fn parse_rtp(d: &[u8]) -> Option<(RtpFields, &[u8])> {
     if d.len() < 12 || d[0] >> 6 != 2 {
         return None;
     }
@@ -555,14 +694,14 @@ fn parse_rtp(d: &[u8]) -> Option<RtpOut> {
     if off > end {
         return None;
     }
-    Some(RtpOut {
+    let h = RtpFields {
         pt,
         seq: u16::from_be_bytes([d[2], d[3]]),
         ts: u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
         marker: d[1] & 0x80 != 0,
         ssrc: u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
-        payload: d[off..end].to_vec(),
-    })
+    };
+    Some((h, &d[off..end]))
 }
 
 /// What the media thread and the call's signalling share.

@@ -38,9 +38,12 @@ fn plain_sdp_round_trips() {
 fn rtp_header_parsing_and_seq_extension() {
     let mut pkt = vec![0x80, 0x80 | 8, 0x12, 0x34, 0, 0, 0, 160, 0xde, 0xad, 0xbe, 0xef];
     pkt.extend_from_slice(&[0xd5; 160]);
-    let p = parse_rtp(&pkt).unwrap();
-    assert_eq!((p.pt, p.seq, p.ts, p.marker, p.ssrc, p.payload.len()), (8, 0x1234, 160, true, 0xdeadbeef, 160));
-    assert_eq!(p.to_bytes(), pkt);
+    let (h, payload) = parse_rtp(&pkt).unwrap();
+    assert_eq!((h.pt, h.seq, h.ts, h.marker, h.ssrc, payload.len()), (8, 0x1234, 160, true, 0xdeadbeef, 160));
+    let mut buf = [0u8; 2048];
+    let n = write_plain_rtp(&mut buf, &h, payload).unwrap();
+    assert_eq!(&buf[..n], &pkt[..]);
+    assert_eq!(write_plain_rtp(&mut buf[..100], &h, payload), None, "does not fit");
     assert!(parse_rtp(&pkt[..11]).is_none());
     assert!(parse_rtp(&[0x80, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none(), "RTCP on the RTP port");
     let mut ext = SeqExtender::default();
@@ -84,26 +87,70 @@ impl Browser {
 
 /// Moves datagrams between the browser and the bridge's WebRTC side until quiet.
 fn pump(bridge: &mut Bridge, web_side: Side, browser: &mut Browser, now: Instant, plain_out: &mut Vec<(SocketAddr, Vec<u8>)>) {
+    let mut browsers = [None, None];
+    browsers[idx(web_side)] = Some(browser);
+    pump_all(bridge, &mut browsers, now, plain_out);
+}
+
+/// Moves datagrams between the bridge and a browser on each WebRTC side until
+/// quiet; what the bridge sends on a side without a browser goes to `plain_out`.
+fn pump_all(bridge: &mut Bridge, browsers: &mut [Option<&mut Browser>; 2], now: Instant, plain_out: &mut Vec<(SocketAddr, Vec<u8>)>) {
     for _ in 0..50 {
         let mut moved = false;
-        for (dest, d) in browser.drain() {
-            moved = true;
-            bridge.handle_receive(web_side, browser.addr, &d, now);
-            let _ = dest;
+        for side in [Side::A, Side::B] {
+            let Some(browser) = browsers[idx(side)].as_mut() else { continue };
+            for (_, d) in browser.drain() {
+                moved = true;
+                bridge.handle_receive(side, browser.addr, &d, now);
+            }
         }
-        while let Some((side, dest, d)) = bridge.poll_transmit() {
+        let mut buf = [0u8; 2048];
+        while let Some((side, dest, n)) = bridge.poll_transmit(&mut buf) {
             moved = true;
-            if side == web_side {
-                let input = Input::Receive(now, Receive { proto: Protocol::Udp, source: bridge_addr(web_side), destination: browser.addr, contents: d.as_slice().try_into().unwrap() });
-                browser.rtc.handle_input(input).unwrap();
-            } else {
-                plain_out.push((dest, d));
+            let d = &buf[..n];
+            match browsers[idx(side)].as_mut() {
+                Some(browser) => {
+                    assert_eq!(dest, browser.addr);
+                    let input = Input::Receive(now, Receive { proto: Protocol::Udp, source: bridge_addr(side), destination: browser.addr, contents: d.try_into().unwrap() });
+                    browser.rtc.handle_input(input).unwrap();
+                }
+                None => plain_out.push((dest, d.to_vec())),
             }
         }
         if !moved {
             break;
         }
     }
+}
+
+/// Runs the virtual clock in 10 ms steps until every browser and the bridge are connected.
+fn connect(bridge: &mut Bridge, browsers: &mut [Option<&mut Browser>; 2], now: &mut Instant) {
+    let mut plain_out = Vec::new();
+    for _ in 0..200 {
+        *now += Duration::from_millis(10);
+        for b in browsers.iter_mut().flatten() {
+            b.rtc.handle_input(Input::Timeout(*now)).unwrap();
+        }
+        bridge.handle_timeout(*now);
+        pump_all(bridge, browsers, *now, &mut plain_out);
+        let up = [Side::A, Side::B].iter().all(|s| browsers[idx(*s)].as_ref().is_none_or(|b| b.connected && bridge.is_connected(*s)));
+        if up {
+            return;
+        }
+    }
+    panic!("ICE + DTLS did not come up");
+}
+
+/// The browser's send stream (it writes RTP as a browser would).
+fn send_from_browser(browser: &mut Browser, mid: Mid, seq: u64, now: Instant) {
+    let mut api = browser.rtc.direct_api();
+    let tx = api.stream_tx_by_mid(mid, None).expect("browser send stream");
+    tx.write_rtp(RtpWrite::new(0.into(), SeqNo::from(seq), 160 * seq as u32, now, vec![0x11u8; 160]));
+    browser.rtc.handle_input(Input::Timeout(now)).unwrap();
+}
+
+fn sdp_line<'a>(sdp: &'a str, prefix: &str) -> Option<&'a str> {
+    sdp.lines().find(|l| l.starts_with(prefix))
 }
 
 fn bridge_addr(side: Side) -> SocketAddr {
@@ -180,7 +227,7 @@ fn carrier_to_browser_offer_answer_and_media() {
     }
     let to_carrier: Vec<_> = plain_out.iter().filter(|(d, _)| *d == carrier).collect();
     assert!(to_carrier.len() >= 15, "carrier got {} packets", to_carrier.len());
-    assert!(to_carrier.iter().all(|(_, p)| parse_rtp(p).is_some_and(|r| r.pt == 0 && r.payload == vec![0x11; 160])));
+    assert!(to_carrier.iter().all(|(_, p)| parse_rtp(p).is_some_and(|(h, payload)| h.pt == 0 && payload == [0x11; 160])));
     let st = bridge.stats();
     assert!(st.a_to_b_rtp.packets >= 15 && st.b_to_a_rtp.packets >= 15, "{st:?}");
 }
@@ -216,4 +263,165 @@ fn browser_offer_without_g711_is_refused() {
     let mut bridge = Bridge::new([LegKind::WebRtc, LegKind::Plain], [bridge_addr(Side::A), bridge_addr(Side::B)]);
     let e = bridge.offer(Side::A, BROWSER_OFFER_NO_G711.as_bytes(), Instant::now()).unwrap_err();
     assert!(e.contains("G.711"));
+}
+
+const CARRIER: &str = "127.0.0.2:40000";
+
+fn carrier_offer() -> String {
+    "v=0\r\no=carrier 7 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n".to_string()
+}
+
+/// A carrier re-INVITE that changes nothing (a session refresh) is passed to
+/// the browser as an offer of the current session (RFC 3264 §8), not refused
+/// with 488; the carrier gets back exactly the answer it had, same `o=`
+/// version; ICE and DTLS are not restarted and media goes on.
+#[test]
+fn carrier_refresh_reoffers_the_current_session_to_the_browser() {
+    let mut now = Instant::now();
+    let mut bridge = Bridge::new([LegKind::Plain, LegKind::WebRtc], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    let carrier: SocketAddr = CARRIER.parse().unwrap();
+    let first_offer = String::from_utf8(bridge.offer(Side::A, carrier_offer().as_bytes(), now).unwrap()).unwrap();
+    let mut browser = Browser::new("127.0.0.1:50000".parse().unwrap(), now);
+    let answer = browser.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&first_offer).unwrap()).unwrap().to_sdp_string();
+    let first_answer = bridge.answer(Side::B, answer.as_bytes(), now).unwrap();
+    connect(&mut bridge, &mut [None, Some(&mut browser)], &mut now);
+    // The carrier's packets latch its address.
+    let mut plain_out = Vec::new();
+    bridge.handle_receive(Side::A, carrier, &rtp(0, 1), now);
+    pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
+
+    // The same offer again, twice (a refresh, then a retransmitted-looking repeat).
+    for round in 0..2 {
+        now += Duration::from_secs(60);
+        let reoffer = String::from_utf8(bridge.offer(Side::A, carrier_offer().as_bytes(), now).expect("an unchanged offer is not refused")).unwrap();
+        for attr in ["a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:", "a=mid:", "a=ssrc:"] {
+            assert_eq!(sdp_line(&reoffer, attr), sdp_line(&first_offer, attr), "round {round}: {attr} kept\n{reoffer}");
+        }
+        assert!(reoffer.contains("a=setup:actpass") && reoffer.contains("a=sendrecv"), "{reoffer}");
+        let answer = browser.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&reoffer).unwrap()).unwrap().to_sdp_string();
+        let to_carrier = bridge.answer(Side::B, answer.as_bytes(), now).unwrap();
+        assert_eq!(to_carrier, first_answer, "round {round}: the carrier's previous answer, same o= version");
+        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
+    }
+    assert!(bridge.is_connected(Side::B) && browser.connected);
+
+    // Media both ways, to the still latched carrier address.
+    browser.got_rtp.clear();
+    plain_out.clear();
+    let mid = answer_mid(&first_offer);
+    for seq in 0..10u16 {
+        now += Duration::from_millis(20);
+        bridge.handle_receive(Side::A, carrier, &rtp(0, 100 + seq), now);
+        send_from_browser(&mut browser, mid, 700 + seq as u64, now);
+        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
+    }
+    assert_eq!(browser.got_rtp.len(), 10, "carrier → browser after the refreshes");
+    assert_eq!(plain_out.iter().filter(|(d, p)| *d == carrier && parse_rtp(p).is_some()).count(), 10, "browser → carrier after the refreshes");
+}
+
+/// A browser re-INVITE repeating its offer: the carrier gets the same offer
+/// again (same `o=` version), and the browser the same answer.
+#[test]
+fn browser_repeated_offer_gets_the_previous_answer() {
+    let mut now = Instant::now();
+    let mut bridge = Bridge::new([LegKind::WebRtc, LegKind::Plain], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    let mut browser = Browser::new("127.0.0.1:50002".parse().unwrap(), now);
+    let mut api = browser.rtc.sdp_api();
+    let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, pending) = api.apply().unwrap();
+    let offer = offer.to_sdp_string();
+    let to_carrier = bridge.offer(Side::A, offer.as_bytes(), now).unwrap();
+    let carrier_answer = "v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 40002 RTP/AVP 0\r\na=sendrecv\r\n";
+    let to_browser = String::from_utf8(bridge.answer(Side::B, carrier_answer.as_bytes(), now).unwrap()).unwrap();
+    browser.rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&to_browser).unwrap()).unwrap();
+    connect(&mut bridge, &mut [Some(&mut browser), None], &mut now);
+
+    // A re-INVITE repeating the very first offer text: the carrier gets the
+    // previous offer (same o= version), the browser the previous answer.
+    assert_eq!(bridge.offer(Side::A, offer.as_bytes(), now).expect("an unchanged browser offer is not refused"), to_carrier);
+    assert_eq!(String::from_utf8(bridge.answer(Side::B, carrier_answer.as_bytes(), now).unwrap()).unwrap(), to_browser);
+    // The browser's offer of its current session (a session refresh): it
+    // offers only the codec in use now, so the carrier's offer is a new
+    // version the first time and the same SDP on the next refresh.
+    let mut refreshed = Vec::new();
+    for _ in 0..2 {
+        let (reoffer, pending) = offer_unchanged(&mut browser.rtc, mid).expect("the browser has audio");
+        refreshed.push(bridge.offer(Side::A, reoffer.to_sdp_string().as_bytes(), now).expect("an unchanged browser offer is not refused"));
+        let answer = String::from_utf8(bridge.answer(Side::B, carrier_answer.as_bytes(), now).unwrap()).unwrap();
+        assert_eq!(answer, to_browser, "the browser gets the previous answer");
+        browser.rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap()).unwrap();
+    }
+    assert_eq!(refreshed[0], refreshed[1], "same SDP, same o= version");
+    let to_carrier = refreshed.pop().unwrap();
+
+    // A real change (hold) is a new version for the carrier.
+    let hold = offer.replace("a=sendrecv", "a=sendonly");
+    let to_carrier_hold = String::from_utf8(bridge.offer(Side::A, hold.as_bytes(), now).unwrap()).unwrap();
+    let (o1, o2) = (sdp_line(std::str::from_utf8(&to_carrier).unwrap(), "o=").unwrap().to_string(), sdp_line(&to_carrier_hold, "o=").unwrap());
+    assert_ne!(o1, o2, "a changed SDP gets the next o= version");
+    assert!(to_carrier_hold.contains("a=sendonly"));
+
+    // Media still flows from the browser to the carrier.
+    let mut plain_out = Vec::new();
+    for seq in 0..10u64 {
+        now += Duration::from_millis(20);
+        send_from_browser(&mut browser, mid, 900 + seq, now);
+        pump(&mut bridge, Side::A, &mut browser, now, &mut plain_out);
+    }
+    assert_eq!(plain_out.iter().filter(|(d, _)| *d == "127.0.0.2:40002".parse().unwrap()).count(), 10);
+}
+
+/// Browser ↔ browser: an unchanged re-offer from one browser becomes an offer
+/// of the current session to the other (it was "nothing changed", 488).
+#[test]
+fn browser_to_browser_unchanged_reoffer() {
+    let mut now = Instant::now();
+    let mut bridge = Bridge::new([LegKind::WebRtc, LegKind::WebRtc], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    let mut alice = Browser::new("127.0.0.1:50004".parse().unwrap(), now);
+    let mut bob = Browser::new("127.0.0.1:50006".parse().unwrap(), now);
+    let mut api = alice.rtc.sdp_api();
+    let alice_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, pending) = api.apply().unwrap();
+    let to_bob = bridge.offer(Side::A, offer.to_sdp_string().as_bytes(), now).unwrap();
+    let bob_answer = bob.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(std::str::from_utf8(&to_bob).unwrap()).unwrap()).unwrap();
+    let to_alice = bridge.answer(Side::B, bob_answer.to_sdp_string().as_bytes(), now).unwrap();
+    alice.rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(std::str::from_utf8(&to_alice).unwrap()).unwrap()).unwrap();
+    connect(&mut bridge, &mut [Some(&mut alice), Some(&mut bob)], &mut now);
+
+    for round in 0..2 {
+        let (reoffer, pending) = offer_unchanged(&mut alice.rtc, alice_mid).unwrap();
+        let to_bob = bridge.offer(Side::A, reoffer.to_sdp_string().as_bytes(), now).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let answer = bob.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(std::str::from_utf8(&to_bob).unwrap()).unwrap()).unwrap();
+        let to_alice = bridge.answer(Side::B, answer.to_sdp_string().as_bytes(), now).unwrap();
+        alice.rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(std::str::from_utf8(&to_alice).unwrap()).unwrap()).unwrap();
+    }
+    let mut plain_out = Vec::new();
+    for seq in 0..10u64 {
+        now += Duration::from_millis(20);
+        send_from_browser(&mut alice, alice_mid, 40 + seq, now);
+        pump_all(&mut bridge, &mut [Some(&mut alice), Some(&mut bob)], now, &mut plain_out);
+    }
+    assert!(plain_out.is_empty());
+    assert_eq!(bob.got_rtp.len(), 10, "alice → bob after the re-offers");
+    assert!(bob.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && *p == [0x11; 160]));
+}
+
+/// A carrier packet leaves for the browser in the same poll, without waiting
+/// for the leg's next timer or datagram.
+#[test]
+fn carrier_packet_is_sent_at_once() {
+    let mut now = Instant::now();
+    let mut bridge = Bridge::new([LegKind::Plain, LegKind::WebRtc], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    let to_browser = String::from_utf8(bridge.offer(Side::A, carrier_offer().as_bytes(), now).unwrap()).unwrap();
+    let mut browser = Browser::new("127.0.0.1:50008".parse().unwrap(), now);
+    let answer = browser.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&to_browser).unwrap()).unwrap();
+    bridge.answer(Side::B, answer.to_sdp_string().as_bytes(), now).unwrap();
+    connect(&mut bridge, &mut [None, Some(&mut browser)], &mut now);
+    let mut buf = [0u8; 2048];
+    while bridge.poll_transmit(&mut buf).is_some() {}
+    bridge.handle_receive(Side::A, CARRIER.parse().unwrap(), &rtp(0, 5), now);
+    let (side, dest, n) = bridge.poll_transmit(&mut buf).expect("the SRTP packet, now");
+    assert_eq!((side, dest), (Side::B, browser.addr));
+    assert!(n >= 12 + 160 + 10, "SRTP of 160 bytes of G.711: {n}");
+    assert_eq!(bridge.stats().a_to_b_rtp.packets, 1);
 }
