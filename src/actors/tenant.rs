@@ -377,7 +377,7 @@ impl TenantState {
         let unset: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
         let b_call_id = format!("{}@{}", crate::sip::transaction::new_tag(), node.advertised_ip);
         let setup = CallSetup {
-            a_invite: req.clone(),
+            a_invite: req,
             a_peer: m.peer,
             b_uri,
             b_peer,
@@ -444,7 +444,9 @@ impl TenantState {
             }
             Err(e) => {
                 tracing::error!(tenant = %cfg.id, "cannot start a call actor: {e}");
-                self.respond(&m, &req, 500, "cannot start the call");
+                if let Some(req) = m.request() {
+                    self.respond(&m, req, 500, "cannot start the call");
+                }
             }
         }
     }

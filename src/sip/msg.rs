@@ -271,36 +271,44 @@ pub fn header_values<'a>(headers: &'a Headers, name: &str) -> Vec<&'a str> {
 
 /// Splits a comma-separated header list, respecting quotes and angle brackets.
 pub fn split_list(v: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut depth, mut quoted, mut start) = (0i32, false, 0usize);
-    let bytes = v.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' if quoted => i += 1,
-            b'"' => quoted = !quoted,
-            b'<' if !quoted => depth += 1,
-            b'>' if !quoted => depth -= 1,
-            b',' if !quoted && depth <= 0 => {
-                let part = v[start..i].trim();
-                if !part.is_empty() {
-                    out.push(part);
-                }
-                start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    let part = v.get(start..).unwrap_or("").trim();
-    if !part.is_empty() {
-        out.push(part);
-    }
-    out
+    list_items(v).collect()
 }
 
+/// The items of a comma-separated header list, trimmed, empty ones skipped
+/// (commas inside quotes or `<>` do not separate).
+fn list_items(v: &str) -> impl Iterator<Item = &str> {
+    let bytes = v.as_bytes();
+    let (mut depth, mut quoted, mut start, mut i) = (0i32, false, 0usize, 0usize);
+    std::iter::from_fn(move || {
+        while start <= bytes.len() {
+            let part_end = loop {
+                if i >= bytes.len() {
+                    break bytes.len();
+                }
+                match bytes[i] {
+                    b'\\' if quoted => i += 1,
+                    b'"' => quoted = !quoted,
+                    b'<' if !quoted => depth += 1,
+                    b'>' if !quoted => depth -= 1,
+                    b',' if !quoted && depth <= 0 => break i,
+                    _ => {}
+                }
+                i += 1;
+            };
+            let part = v.get(start..part_end).unwrap_or("").trim();
+            start = part_end + 1;
+            i = start;
+            if !part.is_empty() {
+                return Some(part);
+            }
+        }
+        None
+    })
+}
+
+/// The first item of a list, without collecting the rest.
 fn first_of_list(v: &str) -> &str {
-    split_list(v).into_iter().next().unwrap_or(v)
+    list_items(v).next().unwrap_or(v)
 }
 
 pub fn parse_cseq(v: &str) -> Option<(u32, Method)> {
