@@ -605,11 +605,9 @@ impl B2bua {
     }
 
     fn on_response(&mut self, side: Side, resp: Response, now: Instant) {
-        if side == Side::B {
-            if self.b_invite.matches(&resp) {
-                self.b_invite.handle_response(resp, now);
-                return;
-            }
+        if side == Side::B && self.b_invite.matches(&resp) {
+            self.b_invite.handle_response(resp, now);
+            return;
         }
         if let Some(c) = self.clients.iter_mut().find(|c| c.side == side && c.tx.matches(&resp)) {
             c.tx.handle_response(resp, now);

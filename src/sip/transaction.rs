@@ -1466,7 +1466,7 @@ Content-Length: 0
         assert_eq!(ack.method, Method::Ack);
         assert_eq!(ack.uri, invite().uri);
         assert_eq!(
-            top_via_branch(&ack.headers).as_deref(),
+            top_via_branch(&ack.headers),
             Some("z9hG4bKnashds8")
         );
         assert_eq!(
@@ -1477,8 +1477,8 @@ Content-Length: 0
             1
         );
         assert_eq!(cseq(&ack.headers), Some((1, Method::Ack)));
-        assert_eq!(to_tag(&ack.headers).as_deref(), Some("b1"));
-        assert_eq!(from_tag(&ack.headers).as_deref(), Some("9fxced76sl"));
+        assert_eq!(to_tag(&ack.headers), Some("b1"));
+        assert_eq!(from_tag(&ack.headers), Some("9fxced76sl"));
         assert_eq!(
             call_id(&ack.headers),
             Some("3848276298220188511@atlanta.example.com")
@@ -1535,7 +1535,7 @@ Content-Length: 0
         let forked = make_response(&invite(), StatusCode::OK, Some("b2"));
         tx.handle_response(forked, t0 + ms(800));
         assert!(
-            matches!(tx.poll_event(), Some(ClientEvent::Final(r)) if to_tag(&r.headers).as_deref() == Some("b2"))
+            matches!(tx.poll_event(), Some(ClientEvent::Final(r)) if to_tag(&r.headers) == Some("b2"))
         );
         // A late failure is not a final any more.
         tx.handle_response(
@@ -2084,8 +2084,8 @@ Content-Length: 0
                 "SIP/2.0/UDP proxy.atlanta.example.com;branch=z9hG4bKproxy"
             ]
         );
-        assert_eq!(to_tag(&resp.headers).as_deref(), Some("abc"));
-        assert_eq!(from_tag(&resp.headers).as_deref(), Some("9fxced76sl"));
+        assert_eq!(to_tag(&resp.headers), Some("abc"));
+        assert_eq!(from_tag(&resp.headers), Some("9fxced76sl"));
         assert_eq!(cseq(&resp.headers), Some((1, Method::Invite)));
         assert_eq!(
             call_id(&resp.headers),
@@ -2111,7 +2111,7 @@ Content-Length: 0
             "<sip:bob@biloxi.example.com>;tag=keep",
         )));
         let resp = make_response(&in_dialog, StatusCode::BusyHere, Some("new"));
-        assert_eq!(to_tag(&resp.headers).as_deref(), Some("keep"));
+        assert_eq!(to_tag(&resp.headers), Some("keep"));
         assert!(!resp
             .headers
             .iter()
@@ -2178,10 +2178,10 @@ Content-Length: 0
     fn tag_parsing_handles_quotes_and_addr_spec() {
         let h = |to: &str| Headers::from(vec![Header::To(rsipstack::sip::To::new(to))]);
         assert_eq!(
-            to_tag(&h(r#""a;tag=no <x>" <sip:b@c;tag=uri>;tag=yes"#)).as_deref(),
+            to_tag(&h(r#""a;tag=no <x>" <sip:b@c;tag=uri>;tag=yes"#)),
             Some("yes")
         );
-        assert_eq!(to_tag(&h("sip:b@c;TAG=bare")).as_deref(), Some("bare"));
+        assert_eq!(to_tag(&h("sip:b@c;TAG=bare")), Some("bare"));
         assert_eq!(to_tag(&h("<sip:b@c;tag=uri-param>")), None);
         assert_eq!(to_tag(&h("<sip:b@c>;tag=")), None);
     }
