@@ -8,7 +8,7 @@ use crate::cdr::{self, Cdr, CdrState, Event};
 use crate::media::{MediaSession, Side};
 use crate::store::ScopedStore;
 use crate::sip::b2bua::{B2bua, CallOutput, CallSetup, EndInfo};
-use crate::sip::msg::{Incoming, Peer};
+use crate::sip::msg::{self, Incoming, Peer};
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::atomic::Ordering;
@@ -250,12 +250,11 @@ impl Actor for Call {
         setup.media_a = media.local_rtp(Side::A);
         setup.media_b = media.local_rtp(Side::B);
         setup.sdp_adapter = media.sdp_adapter();
-        let refused = setup.clone();
-        let core = match B2bua::new(setup, Instant::now()) {
+        let core = match B2bua::new(&setup, Instant::now()) {
             Ok(c) => c,
             Err(r) => {
                 media.close();
-                state.refuse(&refused, r.code, &r.reason);
+                state.refuse(&setup, r.code, &r.reason);
                 myself.stop(None);
                 return Ok(());
             }
@@ -351,7 +350,7 @@ impl CallState {
     fn refuse(&self, setup: &CallSetup, code: u16, why: &str) {
         let tag = crate::sip::transaction::new_tag();
         let r = crate::sip::msg::refusal(&setup.a_invite, code, Some(&tag), &setup.server_name, why);
-        self.node.send(setup.a_peer, r.to_bytes());
+        self.node.send(setup.a_peer, msg::response_bytes(&r));
         let mut s = self.shared.lock();
         s.end = Some(EndInfo { disposition: crate::sip::b2bua::Disposition::Failed, code, hangup_side: None, reason: why.to_string(), answered: false });
     }

@@ -29,12 +29,13 @@ impl Sink for Node {
     }
 
     fn on_message(&self, bytes: &[u8], peer: Peer) {
-        let host = self.advertised_ip.to_string();
+        // Only refusals name the host: rendered when one is sent.
+        let host = || self.advertised_ip.to_string();
         let incoming = match Incoming::parse(bytes, peer) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(from = %peer.addr, "refusing malformed message: {e}");
-                if let Some(resp) = msg::error_response_raw(bytes, e.status(), &host, &e.to_string()) {
+                if let Some(resp) = msg::error_response_raw(bytes, e.status(), &host(), &e.to_string()) {
                     self.send(peer, resp);
                 }
                 return;
@@ -48,8 +49,8 @@ impl Sink for Node {
             return; // a response for a call that is gone: drop it (§18.1.2)
         };
         let refuse = |code: u16, why: &str| {
-            let r = msg::refusal(req, code, Some(&stateless_tag(&incoming)), &host, why);
-            self.send(peer, r.to_bytes());
+            let r = msg::refusal(req, code, Some(&stateless_tag(&incoming)), &host(), why);
+            self.send(peer, msg::response_bytes(&r));
         };
         match req.method {
             Method::Ack => {}
@@ -57,7 +58,7 @@ impl Sink for Node {
                 let mut r = msg::response_to(req, 200, Some(&stateless_tag(&incoming)));
                 msg::push(&mut r.headers, "Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE");
                 msg::push(&mut r.headers, "Accept", "application/sdp");
-                self.send(peer, r.to_bytes());
+                self.send(peer, msg::response_bytes(&r));
             }
             Method::Register => {
                 let domain = host_of(&incoming.to_uri);
@@ -77,10 +78,10 @@ impl Sink for Node {
             }
             Method::Invite if incoming.to_tag.is_none() => {
                 if self.active_calls.load(Ordering::Relaxed) >= self.config.node.max_calls {
-                    let mut r = msg::refusal(req, 503, Some(&stateless_tag(&incoming)), &host, "node call limit reached");
+                    let mut r = msg::refusal(req, 503, Some(&stateless_tag(&incoming)), &host(), "node call limit reached");
                     msg::push(&mut r.headers, "Retry-After", "5");
                     msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"node call limit\"");
-                    self.send(peer, r.to_bytes());
+                    self.send(peer, msg::response_bytes(&r));
                     return;
                 }
                 let tenant = if self.carrier_sources.contains(&peer.addr.ip()) {
@@ -115,7 +116,7 @@ impl Node {
                 let mut r = msg::refusal(req, 503, Some(&stateless_tag(&m)), &self.advertised_ip.to_string(), "tenant overloaded");
                 msg::push(&mut r.headers, "Retry-After", "1");
                 msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"tenant request queue full\"");
-                self.send(m.peer, r.to_bytes());
+                self.send(m.peer, msg::response_bytes(&r));
             }
             return;
         }

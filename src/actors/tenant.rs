@@ -221,7 +221,7 @@ impl TenantState {
         let mut r = msg::refusal(req, 503, Some(&stateless_tag(m)), &self.host(), what);
         msg::push(&mut r.headers, "Reason", format!("SIP;cause=503;text=\"{what}\""));
         msg::push(&mut r.headers, "Retry-After", "1");
-        self.node().send(m.peer, r.to_bytes());
+        self.node().send(m.peer, msg::response_bytes(&r));
         cdr::emit(&self.node().writer, &self.args.store, Event::new("limit.refused", None, Some(what.to_string())));
     }
 
@@ -231,7 +231,7 @@ impl TenantState {
 
     fn respond(&self, m: &Incoming, req: &Request, code: u16, why: &str) {
         let r = msg::refusal(req, code, Some(&stateless_tag(m)), &self.host(), why);
-        self.node().send(m.peer, r.to_bytes());
+        self.node().send(m.peer, msg::response_bytes(&r));
     }
 
     /// Digest authentication in this tenant's realm (RFC 8760: SHA-256 and MD5 offered).
@@ -279,7 +279,7 @@ impl TenantState {
         for c in challenges {
             msg::push(&mut r.headers, name, c);
         }
-        self.node().send(m.peer, r.to_bytes());
+        self.node().send(m.peer, msg::response_bytes(&r));
     }
 
     fn on_register(&mut self, m: &Incoming, req: &Request) {
@@ -299,7 +299,7 @@ impl TenantState {
                 };
                 let code = u16::from(resp.status_code.clone());
                 tracing::info!(tenant = %self.cfg.id, user = %u, code, "REGISTER");
-                self.node().send(m.peer, resp.to_bytes());
+                self.node().send(m.peer, msg::response_bytes(&resp));
                 if before != after {
                     let kind = if after > before { "registration.added" } else { "registration.removed" };
                     cdr::emit(&self.node().writer, &self.args.store, Event::new(kind, None, Some(format!("{u}: {after} contact(s)"))));
@@ -377,7 +377,7 @@ impl TenantState {
         let unset: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
         let b_call_id = format!("{}@{}", crate::sip::transaction::new_tag(), node.advertised_ip);
         let setup = CallSetup {
-            a_invite: req.clone(),
+            a_invite: req,
             a_peer: m.peer,
             b_uri,
             b_peer,
@@ -444,7 +444,9 @@ impl TenantState {
             }
             Err(e) => {
                 tracing::error!(tenant = %cfg.id, "cannot start a call actor: {e}");
-                self.respond(&m, &req, 500, "cannot start the call");
+                if let Some(req) = m.request() {
+                    self.respond(&m, req, 500, "cannot start the call");
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use super::msg::{self, Incoming, Peer};
 use super::sdp::Sdp;
 use super::transaction::{new_branch, new_tag, ClientEvent, ClientTx, ServerEvent, ServerTx, TimerConfig};
 use crate::media::Side;
-use rsipstack::sip::{Method, Request, Response, SipMessage};
+use rsipstack::sip::{Method, Request, Response, SipMessage, Uri};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -122,7 +122,8 @@ struct Leg {
     local: String,
     /// The other party's header value; gets its tag when known.
     remote: String,
-    remote_target: String,
+    /// Parsed once when learned; `None` if it did not parse (no request can go to it).
+    remote_target: Option<Uri>,
     route_set: Vec<String>,
     local_cseq: u32,
     sent_by: String,
@@ -154,7 +155,7 @@ impl Leg {
         }
         h.extend(extra);
         let ct = body.as_ref().map(|_| "application/sdp");
-        msg::build_request(method, &self.remote_target, h, ct, body.unwrap_or_default())
+        Some(msg::build_request(method, self.remote_target.clone()?, h, ct, body.unwrap_or_default()))
     }
 
     /// Learns the remote tag, target and route set from a response to our INVITE (§12.1.2).
@@ -167,7 +168,7 @@ impl Leg {
         if let Some(c) = msg::header(&resp.headers, "Contact") {
             let uri = msg::name_addr_uri(msg::split_list(c).first().copied().unwrap_or(c));
             if !uri.is_empty() {
-                self.remote_target = uri.to_string();
+                self.remote_target = Uri::try_from(uri).ok();
             }
         }
         let mut rr: Vec<String> = msg::header_values(&resp.headers, "Record-Route").into_iter().map(str::to_string).collect();
@@ -211,8 +212,8 @@ pub struct B2bua {
     a_invite: ServerTx,
     a_invite_final: bool,
     a_acked: bool,
-    b_invite: Option<ClientTx>,
-    b_invite_req: Request,
+    /// B's INVITE; its request is what a CANCEL and the 2xx's ACK copy from.
+    b_invite: ClientTx,
     b_provisional: bool,
     b_answered: bool,
     /// B's INVITE got its final response (or we gave up waiting after a CANCEL).
@@ -242,8 +243,9 @@ pub struct Refusal {
 }
 
 impl B2bua {
-    /// Starts the call: answers 100 to A and sends the INVITE to B.
-    pub fn new(setup: CallSetup, now: Instant) -> Result<B2bua, Refusal> {
+    /// Starts the call: answers 100 to A and sends the INVITE to B. The setup
+    /// is only read: on a refusal its caller still has it to answer A.
+    pub fn new(setup: &CallSetup, now: Instant) -> Result<B2bua, Refusal> {
         let a_req = &setup.a_invite;
         if a_req.body.is_empty() {
             return Err(Refusal { code: 488, reason: "crossbar needs an SDP offer in the INVITE (late offer is not supported)".into() });
@@ -268,7 +270,7 @@ impl B2bua {
             call_id: hv("Call-ID").trim().to_string(),
             local: msg::with_tag(&hv("To"), &a_tag),
             remote: hv("From"),
-            remote_target: a_contact_uri,
+            remote_target: Uri::try_from(a_contact_uri.as_str()).ok(),
             route_set: msg::header_values(&a_req.headers, "Record-Route").into_iter().map(str::to_string).collect(),
             local_cseq: 0,
             sent_by: setup.a_sent_by.clone(),
@@ -279,7 +281,7 @@ impl B2bua {
             call_id: setup.b_call_id.clone(),
             local: msg::with_tag(&setup.b_from, &new_tag()),
             remote: setup.b_to.clone(),
-            remote_target: setup.b_uri.clone(),
+            remote_target: Uri::try_from(setup.b_uri.as_str()).ok(),
             route_set: Vec::new(),
             local_cseq: 0,
             sent_by: setup.b_sent_by.clone(),
@@ -288,7 +290,6 @@ impl B2bua {
         let max_fwd = msg::header(&a_req.headers, "Max-Forwards").and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(70).clamp(1, 71) - 1;
         let mut extra = vec![("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE".to_string())];
         extra.extend(setup.b_extra_headers.iter().cloned());
-        extra.retain(|_| true);
         let mut b_req = b
             .request(Method::Invite, Some(offer_b), extra)
             .ok_or_else(|| Refusal { code: 500, reason: format!("cannot build an INVITE for {}", setup.b_uri) })?;
@@ -296,7 +297,7 @@ impl B2bua {
 
         let mut a_invite = ServerTx::new(a_req.clone(), setup.a_peer.proto.reliable(), &setup.timers, now);
         a_invite.respond(msg::response_to(a_req, 100, None), now);
-        let b_invite = ClientTx::new(b_req.clone(), setup.b_peer.proto.reliable(), &setup.timers, now);
+        let b_invite = ClientTx::new(b_req, setup.b_peer.proto.reliable(), &setup.timers, now);
 
         let mut call = B2bua {
             setup_server: setup.server_name.clone(),
@@ -307,8 +308,7 @@ impl B2bua {
             a_invite,
             a_invite_final: false,
             a_acked: false,
-            b_invite: Some(b_invite),
-            b_invite_req: b_req,
+            b_invite,
             b_provisional: false,
             b_answered: false,
             b_final: false,
@@ -344,9 +344,7 @@ impl B2bua {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.a_invite.handle_timeout(now);
-        if let Some(tx) = &mut self.b_invite {
-            tx.handle_timeout(now);
-        }
+        self.b_invite.handle_timeout(now);
         for c in &mut self.clients {
             c.tx.handle_timeout(now);
         }
@@ -405,9 +403,7 @@ impl B2bua {
             }
         };
         take(self.a_invite.poll_timeout());
-        if let Some(tx) = &self.b_invite {
-            take(tx.poll_timeout());
-        }
+        take(self.b_invite.poll_timeout());
         for c in &self.clients {
             take(c.tx.poll_timeout());
         }
@@ -423,7 +419,7 @@ impl B2bua {
             && self.state == State::Ending
             && self.clients.iter().all(|c| c.done)
             && (self.a_acked || self.a_invite.is_terminated() || !self.a_invite_final)
-            && (self.b_final || self.b_invite.as_ref().is_none_or(|t| t.is_terminated()))
+            && (self.b_final || self.b_invite.is_terminated())
     }
 
     pub fn ended(&self) -> Option<&EndInfo> {
@@ -609,13 +605,9 @@ impl B2bua {
     }
 
     fn on_response(&mut self, side: Side, resp: Response, now: Instant) {
-        if side == Side::B {
-            if let Some(tx) = &mut self.b_invite {
-                if tx.matches(&resp) {
-                    tx.handle_response(resp, now);
-                    return;
-                }
-            }
+        if side == Side::B && self.b_invite.matches(&resp) {
+            self.b_invite.handle_response(resp, now);
+            return;
         }
         if let Some(c) = self.clients.iter_mut().find(|c| c.side == side && c.tx.matches(&resp)) {
             c.tx.handle_response(resp, now);
@@ -645,22 +637,16 @@ impl B2bua {
                     ServerEvent::Timeout => self.a_acked = true,
                 }
             }
-            if let Some(tx) = &mut self.b_invite {
-                let mut sends = Vec::new();
-                while let Some(bytes) = tx.poll_transmit() {
-                    sends.push(bytes);
-                }
-                let mut events = Vec::new();
-                while let Some(ev) = tx.poll_event() {
-                    events.push(ev);
-                }
-                for bytes in sends {
-                    self.out.push_back(CallOutput::Send { side: Side::B, bytes });
-                }
-                for ev in events {
-                    progressed = true;
-                    self.on_b_invite_event(ev, now);
-                }
+            while let Some(bytes) = self.b_invite.poll_transmit() {
+                self.out.push_back(CallOutput::Send { side: Side::B, bytes });
+            }
+            let mut events = Vec::new();
+            while let Some(ev) = self.b_invite.poll_event() {
+                events.push(ev);
+            }
+            for ev in events {
+                progressed = true;
+                self.on_b_invite_event(ev, now);
             }
             let mut i = 0;
             while i < self.clients.len() {
@@ -761,8 +747,8 @@ impl B2bua {
         self.b_answered = true;
         if first {
             self.b.learn_from_response(&resp);
-            let cseq = msg::header(&self.b_invite_req.headers, "CSeq").and_then(msg::parse_cseq).map(|c| c.0).unwrap_or(1);
-            self.b_ack = self.b.build(Method::Ack, cseq, &new_branch(), None, vec![]).map(|r| r.to_bytes());
+            let cseq = msg::header(&self.b_invite.request().headers, "CSeq").and_then(msg::parse_cseq).map(|c| c.0).unwrap_or(1);
+            self.b_ack = self.b.build(Method::Ack, cseq, &new_branch(), None, vec![]).map(|r| msg::request_bytes(&r));
         }
         if let Some(ack) = &self.b_ack {
             self.out.push_back(CallOutput::Send { side: Side::B, bytes: ack.clone() });
@@ -818,7 +804,7 @@ impl B2bua {
             if let Some(r) = &resp {
                 let cseq = msg::header(&r.headers, "CSeq").and_then(msg::parse_cseq).map(|c| c.0).unwrap_or(0);
                 if let Some(ack) = self.leg(side).build(Method::Ack, cseq, &new_branch(), None, vec![]) {
-                    self.out.push_back(CallOutput::Send { side, bytes: ack.to_bytes() });
+                    self.out.push_back(CallOutput::Send { side, bytes: msg::request_bytes(&ack) });
                 }
             }
         }
@@ -921,12 +907,13 @@ impl B2bua {
     }
 
     fn send_cancel_b(&mut self, now: Instant) {
-        let branch = msg::header(&self.b_invite_req.headers, "Via").and_then(|v| msg::param(v, "branch")).unwrap_or("").to_string();
-        let cseq = msg::header(&self.b_invite_req.headers, "CSeq").and_then(msg::parse_cseq).map(|c| c.0).unwrap_or(1);
+        let invite = self.b_invite.request();
+        let branch = msg::header(&invite.headers, "Via").and_then(|v| msg::param(v, "branch")).unwrap_or("").to_string();
+        let cseq = msg::header(&invite.headers, "CSeq").and_then(msg::parse_cseq).map(|c| c.0).unwrap_or(1);
         // CANCEL carries the INVITE's To (no tag), Via and CSeq number (§9.1).
         let mut leg = self.b.clone();
-        leg.remote = msg::header(&self.b_invite_req.headers, "To").unwrap_or("").to_string();
-        leg.remote_target = self.b_invite_req.uri.to_string();
+        leg.remote = msg::header(&invite.headers, "To").unwrap_or("").to_string();
+        leg.remote_target = Some(invite.uri.clone());
         leg.route_set.clear();
         if let Some(req) = leg.build(Method::Cancel, cseq, &branch, None, vec![]) {
             self.b_give_up_at = Some(now + self.timers.timeout());

@@ -8,6 +8,7 @@
 
 use rsipstack::sip::headers::make_header;
 use rsipstack::sip::{Header, Headers, Method, Request, Response, SipMessage, StatusCode, Uri, Version};
+use std::io::Write as _;
 use std::net::SocketAddr;
 
 /// The transport a message came in on or must go out on.
@@ -270,36 +271,44 @@ pub fn header_values<'a>(headers: &'a Headers, name: &str) -> Vec<&'a str> {
 
 /// Splits a comma-separated header list, respecting quotes and angle brackets.
 pub fn split_list(v: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut depth, mut quoted, mut start) = (0i32, false, 0usize);
-    let bytes = v.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' if quoted => i += 1,
-            b'"' => quoted = !quoted,
-            b'<' if !quoted => depth += 1,
-            b'>' if !quoted => depth -= 1,
-            b',' if !quoted && depth <= 0 => {
-                let part = v[start..i].trim();
-                if !part.is_empty() {
-                    out.push(part);
-                }
-                start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    let part = v.get(start..).unwrap_or("").trim();
-    if !part.is_empty() {
-        out.push(part);
-    }
-    out
+    list_items(v).collect()
 }
 
+/// The items of a comma-separated header list, trimmed, empty ones skipped
+/// (commas inside quotes or `<>` do not separate).
+fn list_items(v: &str) -> impl Iterator<Item = &str> {
+    let bytes = v.as_bytes();
+    let (mut depth, mut quoted, mut start, mut i) = (0i32, false, 0usize, 0usize);
+    std::iter::from_fn(move || {
+        while start <= bytes.len() {
+            let part_end = loop {
+                if i >= bytes.len() {
+                    break bytes.len();
+                }
+                match bytes[i] {
+                    b'\\' if quoted => i += 1,
+                    b'"' => quoted = !quoted,
+                    b'<' if !quoted => depth += 1,
+                    b'>' if !quoted => depth -= 1,
+                    b',' if !quoted && depth <= 0 => break i,
+                    _ => {}
+                }
+                i += 1;
+            };
+            let part = v.get(start..part_end).unwrap_or("").trim();
+            start = part_end + 1;
+            i = start;
+            if !part.is_empty() {
+                return Some(part);
+            }
+        }
+        None
+    })
+}
+
+/// The first item of a list, without collecting the rest.
 fn first_of_list(v: &str) -> &str {
-    split_list(v).into_iter().next().unwrap_or(v)
+    list_items(v).next().unwrap_or(v)
 }
 
 pub fn parse_cseq(v: &str) -> Option<(u32, Method)> {
@@ -367,16 +376,49 @@ pub fn set_body(headers: &mut Headers, body: &mut Vec<u8>, content_type: Option<
     *body = new_body;
 }
 
+/// A request as it goes on the wire: the same bytes as rsipstack's
+/// `Request::to_bytes`, with the headers copied in rather than formatted one
+/// `String` at a time.
+pub fn request_bytes(req: &Request) -> Vec<u8> {
+    let mut out = Vec::with_capacity(wire_len(&req.headers, &req.body));
+    let _ = write!(out, "{} {} {}\r\n", req.method, req.uri, req.version);
+    write_headers_and_body(&mut out, &req.headers, &req.body);
+    out
+}
+
+/// A response as it goes on the wire: the same bytes as rsipstack's `Response::to_bytes`.
+pub fn response_bytes(resp: &Response) -> Vec<u8> {
+    let mut out = Vec::with_capacity(wire_len(&resp.headers, &resp.body));
+    let _ = write!(out, "{} {} {}\r\n", resp.version, resp.status_code.code(), resp.status_code.text());
+    write_headers_and_body(&mut out, &resp.headers, &resp.body);
+    out
+}
+
+/// Room for a message: headers, body and a generous start line.
+fn wire_len(headers: &Headers, body: &[u8]) -> usize {
+    128 + body.len() + headers.iter().map(|h| h.name().len() + h.value().len() + 4).sum::<usize>()
+}
+
+fn write_headers_and_body(out: &mut Vec<u8>, headers: &Headers, body: &[u8]) {
+    for h in headers.iter() {
+        out.extend_from_slice(h.name().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
 /// A request built from parts; the header values must already be valid.
-pub fn build_request(method: Method, uri: &str, headers: Vec<(&str, String)>, content_type: Option<&str>, body: Vec<u8>) -> Option<Request> {
-    let uri = Uri::try_from(uri).ok()?;
+pub fn build_request(method: Method, uri: Uri, headers: Vec<(&str, String)>, content_type: Option<&str>, body: Vec<u8>) -> Request {
     let mut h = Headers::default();
     for (n, v) in headers {
         h.push(make_header(n, v));
     }
     let mut req = Request { method, uri, version: Version::V2, headers: h, body: Vec::new() };
     set_body(&mut req.headers, &mut req.body, content_type, body);
-    Some(req)
+    req
 }
 
 /// A response to `req` (RFC 3261 §8.2.6): see [`super::transaction::make_response`].
@@ -494,6 +536,25 @@ mod tests {
     }
 
     const INVITE: &str = "INVITE sip:1001@acme.localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\nMax-Forwards: 70\r\nFrom: \"A\" <sip:a@x>;tag=abc\r\nTo: <sip:1001@acme.localhost>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+
+    #[test]
+    fn wire_bytes_are_rsipstacks() {
+        let m = Incoming::parse(INVITE.as_bytes(), peer()).unwrap();
+        let req = m.request().unwrap();
+        assert_eq!(request_bytes(req), req.to_bytes());
+        let mut with_body = req.clone();
+        // Every header name crossbar writes, and a binary body.
+        for name in ["Accept", "Allow", "Contact", "Content-Type", "Event", "Info-Package", "P-Called-Party-ID", "Proxy-Authenticate", "Reason", "Record-Route", "Retry-After", "Route", "Subscription-State", "User-Agent", "Warning", "WWW-Authenticate", "X-Other"] {
+            push(&mut with_body.headers, name, "v; x=\"y, z\"");
+        }
+        set_body(&mut with_body.headers, &mut with_body.body, Some("application/octet-stream"), vec![0, 159, 146, 150, 255]);
+        assert_eq!(request_bytes(&with_body), with_body.to_bytes());
+        for resp in [response_to(req, 100, None), response_to(req, 200, Some("t1")), refusal(&with_body, 488, Some("t"), "h", "no \"codec\"")] {
+            assert_eq!(response_bytes(&resp), resp.to_bytes());
+        }
+        let no_headers = Request { headers: Headers::default(), ..req.clone() };
+        assert_eq!(request_bytes(&no_headers), no_headers.to_bytes());
+    }
 
     #[test]
     fn validates_and_extracts() {

@@ -32,6 +32,8 @@ use rsipstack::sip::{
     CSeq, ContentLength, Header, Headers, MaxForwards, Method, Request, Response, StatusCode, Via,
 };
 
+use super::msg;
+
 /// RFC 3261 §8.1.1.7: a branch starting with this was made by an RFC 3261
 /// element and is unique per transaction, so it alone identifies the
 /// transaction (§17.2.3). Anything else is an RFC 2543 client.
@@ -314,8 +316,8 @@ impl ClientTx {
     pub fn new(request: Request, reliable: bool, cfg: &TimerConfig, now: Instant) -> Self {
         let cfg = cfg.sanitized();
         let kind = TxKind::of(&request.method);
-        let branch = top_via_branch(&request.headers).unwrap_or_default();
-        let request_bytes = request.to_bytes();
+        let branch = top_via_branch(&request.headers).unwrap_or_default().to_string();
+        let request_bytes = msg::request_bytes(&request);
         let is_ack = request.method == Method::Ack;
         let mut tx = Self {
             request,
@@ -377,7 +379,7 @@ impl ClientTx {
     /// is our request's (a CANCEL shares the INVITE's branch).
     pub fn matches(&self, resp: &Response) -> bool {
         !self.branch.is_empty()
-            && top_via_branch(&resp.headers).as_deref() == Some(self.branch.as_str())
+            && top_via_branch(&resp.headers) == Some(self.branch.as_str())
             && cseq(&resp.headers).map(|(_, m)| m) == Some(self.request.method)
     }
 
@@ -420,7 +422,7 @@ impl ClientTx {
             (Calling | Proceeding, Class::Failure) => {
                 self.timers.stop(Timer::A);
                 self.timers.stop(Timer::B);
-                let ack = build_ack(&self.request, &resp).to_bytes();
+                let ack = msg::request_bytes(&build_ack(&self.request, &resp));
                 self.transmits.push_back(ack.clone());
                 self.ack_bytes = Some(ack);
                 self.events.push_back(ClientEvent::Final(resp));
@@ -730,15 +732,14 @@ impl ServerTx {
         if is_ack_for_us && self.state == ServerState::Accepted && self.matches_2xx_ack(req) {
             return true;
         }
-        let Some(via) = top_via(&req.headers) else {
+        let Some(via) = ViaRef::top(&req.headers) else {
             return false;
         };
-        match &via.branch {
-            Some(branch) if branch.starts_with(MAGIC_COOKIE) => {
-                self.via.as_ref().is_some_and(|own| {
-                    own.branch.as_deref() == Some(branch.as_str()) && own.sent_by == via.sent_by
-                })
-            }
+        match via.branch() {
+            Some(branch) if branch.starts_with(MAGIC_COOKIE) => self
+                .via
+                .as_ref()
+                .is_some_and(|own| via.same_branch_and_sent_by(own, branch)),
             _ => self.matches_rfc2543(req, &via, is_ack_for_us),
         }
     }
@@ -751,20 +752,17 @@ impl ServerTx {
         {
             return false;
         }
-        let Some(via) = top_via(&cancel.headers) else {
+        let Some(via) = ViaRef::top(&cancel.headers) else {
             return false;
         };
-        match &via.branch {
-            Some(branch) if branch.starts_with(MAGIC_COOKIE) => {
-                self.via.as_ref().is_some_and(|own| {
-                    own.branch.as_deref() == Some(branch.as_str()) && own.sent_by == via.sent_by
-                })
-            }
+        match via.branch() {
+            Some(branch) if branch.starts_with(MAGIC_COOKIE) => self
+                .via
+                .as_ref()
+                .is_some_and(|own| via.same_branch_and_sent_by(own, branch)),
             _ => {
                 let orig = &self.request;
-                self.via
-                    .as_ref()
-                    .is_some_and(|own| own.normalized == via.normalized)
+                self.via.as_ref().is_some_and(|own| via.same_value(own))
                     && same_uri(&cancel.uri, &orig.uri)
                     && same_some(call_id(&cancel.headers), call_id(&orig.headers))
                     && from_tag(&cancel.headers) == from_tag(&orig.headers)
@@ -777,12 +775,9 @@ impl ServerTx {
         }
     }
 
-    fn matches_rfc2543(&self, req: &Request, via: &ViaKey, is_ack: bool) -> bool {
+    fn matches_rfc2543(&self, req: &Request, via: &ViaRef<'_>, is_ack: bool) -> bool {
         let orig = &self.request;
-        let common = self
-            .via
-            .as_ref()
-            .is_some_and(|own| own.normalized == via.normalized)
+        let common = self.via.as_ref().is_some_and(|own| via.same_value(own))
             && same_uri(&req.uri, &orig.uri)
             && same_some(call_id(&req.headers), call_id(&orig.headers))
             && from_tag(&req.headers) == from_tag(&orig.headers);
@@ -790,7 +785,7 @@ impl ServerTx {
             return false;
         }
         if is_ack {
-            let expected_to_tag = self.final_to_tag.clone().or_else(|| to_tag(&orig.headers));
+            let expected_to_tag = self.final_to_tag.as_deref().or_else(|| to_tag(&orig.headers));
             same_some(
                 cseq(&req.headers).map(|(n, _)| n),
                 cseq(&orig.headers).map(|(n, _)| n),
@@ -804,7 +799,7 @@ impl ServerTx {
     fn matches_2xx_ack(&self, ack: &Request) -> bool {
         let orig = &self.request;
         self.final_to_tag.is_some()
-            && to_tag(&ack.headers) == self.final_to_tag
+            && to_tag(&ack.headers) == self.final_to_tag.as_deref()
             && same_some(call_id(&ack.headers), call_id(&orig.headers))
             && from_tag(&ack.headers) == from_tag(&orig.headers)
             && same_some(
@@ -892,7 +887,7 @@ impl ServerTx {
                 self.send(response);
             }
             (TxKind::Invite, ServerState::Proceeding, Class::Success) => {
-                self.final_to_tag = to_tag(&response.headers);
+                self.final_to_tag = to_tag(&response.headers).map(str::to_string);
                 self.send(response);
                 self.state = ServerState::Accepted;
                 self.timers.start(Timer::L, now, self.cfg.timeout());
@@ -905,7 +900,7 @@ impl ServerTx {
                 self.send(response);
             }
             (TxKind::Invite, ServerState::Proceeding, Class::Failure) => {
-                self.final_to_tag = to_tag(&response.headers);
+                self.final_to_tag = to_tag(&response.headers).map(str::to_string);
                 self.send(response);
                 self.state = ServerState::Completed;
                 self.timers.start(Timer::H, now, self.cfg.timeout());
@@ -937,7 +932,7 @@ impl ServerTx {
     }
 
     fn send(&mut self, response: Response) {
-        let bytes = response.to_bytes();
+        let bytes = msg::response_bytes(&response);
         self.transmits.push_back(bytes.clone());
         self.last_bytes = Some(bytes);
         self.last_response = Some(response);
@@ -1039,16 +1034,81 @@ fn first(headers: &Headers, pred: impl Fn(&Header) -> bool) -> Option<&Header> {
 }
 
 /// The first value of the first Via header line (a line may hold several
-/// comma-separated Via values).
-fn top_via_value(headers: &Headers) -> Option<String> {
+/// comma-separated Via values), borrowed from the message.
+fn top_via_value(headers: &Headers) -> Option<&str> {
     headers.iter().find_map(|h| match h {
-        Header::Via(via) => via.first_value().ok().map(|v| v.value().to_string()),
+        Header::Via(via) => first_via(via.value().trim()),
         _ => None,
     })
 }
 
-/// What §17.2.3 compares of a top Via, parsed leniently so that an odd
-/// transport name or host does not make a request unmatchable.
+/// The first of the comma-separated values of one Via line.
+fn first_via(value: &str) -> Option<&str> {
+    let (mut in_quotes, mut escaped) = (false, false);
+    for (idx, ch) in value.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match ch {
+            '\\' if in_quotes => escaped = true,
+            '"' => in_quotes = !in_quotes,
+            ',' if !in_quotes => return Some(value[..idx].trim()).filter(|v| !v.is_empty()),
+            _ => {}
+        }
+    }
+    // An unclosed quote makes the header unusable, like a missing one.
+    (!in_quotes && !value.is_empty()).then_some(value)
+}
+
+/// A top Via as received: the parts §17 compares, parsed leniently so that an
+/// odd transport name or host does not make a message unmatchable.
+#[derive(Debug, Clone, Copy)]
+struct ViaRef<'a> {
+    value: &'a str,
+    /// `host[:port]` as written (LWS may surround the ':').
+    sent_by: &'a str,
+    params: &'a str,
+}
+
+impl<'a> ViaRef<'a> {
+    fn top(headers: &'a Headers) -> Option<ViaRef<'a>> {
+        let value = top_via_value(headers)?;
+        // "SIP / 2.0 / UDP host : port ; params": LWS may surround '/', ':' and ';'.
+        let (head, params) = value.split_once(';').unwrap_or((value, ""));
+        let mut slashes = head.splitn(3, '/');
+        let _protocol = slashes.next()?;
+        let _version = slashes.next()?;
+        let transport_and_host = slashes.next()?.trim_start();
+        let host_start = transport_and_host.find(char::is_whitespace)?;
+        let sent_by = &transport_and_host[host_start..];
+        if sent_by.trim().is_empty() {
+            return None;
+        }
+        Some(ViaRef { value, sent_by, params })
+    }
+
+    fn branch(&self) -> Option<&'a str> {
+        param_value(self.params, "branch")
+    }
+
+    /// Compares with an owned [`ViaKey`]: same branch and sent-by.
+    fn same_branch_and_sent_by(&self, own: &ViaKey, branch: &str) -> bool {
+        own.branch.as_deref() == Some(branch) && own.sent_by.chars().eq(squeezed(self.sent_by))
+    }
+
+    /// The RFC 2543 "top Via matches" comparison.
+    fn same_value(&self, own: &ViaKey) -> bool {
+        own.normalized.chars().eq(squeezed(self.value))
+    }
+}
+
+/// Whitespace removed, lowercased: how Via parts are compared.
+fn squeezed(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.chars().filter(|c| !c.is_whitespace()).map(|c| c.to_ascii_lowercase())
+}
+
+/// What §17.2.3 compares of a server transaction's own top Via.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ViaKey {
     /// `host[:port]`, lowercased, whitespace removed.
@@ -1059,52 +1119,33 @@ struct ViaKey {
     normalized: String,
 }
 
-fn top_via(headers: &Headers) -> Option<ViaKey> {
-    let value = top_via_value(headers)?;
-    // "SIP / 2.0 / UDP host : port ; params": LWS may surround '/', ':' and ';'.
-    let (head, params) = match value.split_once(';') {
-        Some((head, params)) => (head, params),
-        None => (value.as_str(), ""),
-    };
-    let mut slashes = head.splitn(3, '/');
-    let _protocol = slashes.next()?;
-    let _version = slashes.next()?;
-    let transport_and_host = slashes.next()?.trim_start();
-    let host_start = transport_and_host.find(char::is_whitespace)?;
-    let sent_by: String = transport_and_host[host_start..]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect::<String>()
-        .to_ascii_lowercase();
-    if sent_by.is_empty() {
-        return None;
+impl From<ViaRef<'_>> for ViaKey {
+    fn from(via: ViaRef<'_>) -> ViaKey {
+        ViaKey {
+            sent_by: squeezed(via.sent_by).collect(),
+            branch: via.branch().map(str::to_string),
+            normalized: squeezed(via.value).collect(),
+        }
     }
-    let branch = param_value(params, "branch");
-    let normalized = value
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect::<String>()
-        .to_ascii_lowercase();
-    Some(ViaKey {
-        sent_by,
-        branch,
-        normalized,
-    })
+}
+
+fn top_via(headers: &Headers) -> Option<ViaKey> {
+    ViaRef::top(headers).map(ViaKey::from)
 }
 
 /// Value of `name` in a `;a=b;c=d` parameter list (name case-insensitive).
 /// Empty values count as absent.
-fn param_value(params: &str, name: &str) -> Option<String> {
+fn param_value<'a>(params: &'a str, name: &str) -> Option<&'a str> {
     params.split(';').find_map(|param| {
         let (key, value) = param.split_once('=')?;
         let value = value.trim();
-        (key.trim().eq_ignore_ascii_case(name) && !value.is_empty()).then(|| value.to_string())
+        (key.trim().eq_ignore_ascii_case(name) && !value.is_empty()).then_some(value)
     })
 }
 
 /// Branch of the top Via of a message: `top_via_branch(&req.headers)`.
-pub fn top_via_branch(headers: &Headers) -> Option<String> {
-    top_via(headers)?.branch
+pub fn top_via_branch(headers: &Headers) -> Option<&str> {
+    ViaRef::top(headers)?.branch()
 }
 
 /// Sequence number and method of the CSeq header: `cseq(&resp.headers)`.
@@ -1168,7 +1209,7 @@ fn name_addr_params(value: &str) -> &str {
 }
 
 /// Tag of the From header: `from_tag(&req.headers)`.
-pub fn from_tag(headers: &Headers) -> Option<String> {
+pub fn from_tag(headers: &Headers) -> Option<&str> {
     headers.iter().find_map(|h| match h {
         Header::From(from) => Some(param_value(name_addr_params(from.value()), "tag")),
         _ => None,
@@ -1176,7 +1217,7 @@ pub fn from_tag(headers: &Headers) -> Option<String> {
 }
 
 /// Tag of the To header: `to_tag(&resp.headers)`.
-pub fn to_tag(headers: &Headers) -> Option<String> {
+pub fn to_tag(headers: &Headers) -> Option<&str> {
     headers.iter().find_map(|h| match h {
         Header::To(to) => Some(param_value(name_addr_params(to.value()), "tag")),
         _ => None,
@@ -1425,7 +1466,7 @@ Content-Length: 0
         assert_eq!(ack.method, Method::Ack);
         assert_eq!(ack.uri, invite().uri);
         assert_eq!(
-            top_via_branch(&ack.headers).as_deref(),
+            top_via_branch(&ack.headers),
             Some("z9hG4bKnashds8")
         );
         assert_eq!(
@@ -1436,8 +1477,8 @@ Content-Length: 0
             1
         );
         assert_eq!(cseq(&ack.headers), Some((1, Method::Ack)));
-        assert_eq!(to_tag(&ack.headers).as_deref(), Some("b1"));
-        assert_eq!(from_tag(&ack.headers).as_deref(), Some("9fxced76sl"));
+        assert_eq!(to_tag(&ack.headers), Some("b1"));
+        assert_eq!(from_tag(&ack.headers), Some("9fxced76sl"));
         assert_eq!(
             call_id(&ack.headers),
             Some("3848276298220188511@atlanta.example.com")
@@ -1494,7 +1535,7 @@ Content-Length: 0
         let forked = make_response(&invite(), StatusCode::OK, Some("b2"));
         tx.handle_response(forked, t0 + ms(800));
         assert!(
-            matches!(tx.poll_event(), Some(ClientEvent::Final(r)) if to_tag(&r.headers).as_deref() == Some("b2"))
+            matches!(tx.poll_event(), Some(ClientEvent::Final(r)) if to_tag(&r.headers) == Some("b2"))
         );
         // A late failure is not a final any more.
         tx.handle_response(
@@ -2043,8 +2084,8 @@ Content-Length: 0
                 "SIP/2.0/UDP proxy.atlanta.example.com;branch=z9hG4bKproxy"
             ]
         );
-        assert_eq!(to_tag(&resp.headers).as_deref(), Some("abc"));
-        assert_eq!(from_tag(&resp.headers).as_deref(), Some("9fxced76sl"));
+        assert_eq!(to_tag(&resp.headers), Some("abc"));
+        assert_eq!(from_tag(&resp.headers), Some("9fxced76sl"));
         assert_eq!(cseq(&resp.headers), Some((1, Method::Invite)));
         assert_eq!(
             call_id(&resp.headers),
@@ -2070,7 +2111,7 @@ Content-Length: 0
             "<sip:bob@biloxi.example.com>;tag=keep",
         )));
         let resp = make_response(&in_dialog, StatusCode::BusyHere, Some("new"));
-        assert_eq!(to_tag(&resp.headers).as_deref(), Some("keep"));
+        assert_eq!(to_tag(&resp.headers), Some("keep"));
         assert!(!resp
             .headers
             .iter()
@@ -2137,10 +2178,10 @@ Content-Length: 0
     fn tag_parsing_handles_quotes_and_addr_spec() {
         let h = |to: &str| Headers::from(vec![Header::To(rsipstack::sip::To::new(to))]);
         assert_eq!(
-            to_tag(&h(r#""a;tag=no <x>" <sip:b@c;tag=uri>;tag=yes"#)).as_deref(),
+            to_tag(&h(r#""a;tag=no <x>" <sip:b@c;tag=uri>;tag=yes"#)),
             Some("yes")
         );
-        assert_eq!(to_tag(&h("sip:b@c;TAG=bare")).as_deref(), Some("bare"));
+        assert_eq!(to_tag(&h("sip:b@c;TAG=bare")), Some("bare"));
         assert_eq!(to_tag(&h("<sip:b@c;tag=uri-param>")), None);
         assert_eq!(to_tag(&h("<sip:b@c>;tag=")), None);
     }

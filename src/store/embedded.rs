@@ -9,6 +9,7 @@
 //! redb is synchronous, so every call runs on tokio's blocking pool. Write transactions use
 //! redb's default `Durability::Immediate`: when `put` returns, the commit is on disk.
 
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +39,21 @@ impl std::fmt::Debug for EmbeddedStore {
             .field("path", &self.path)
             .finish()
     }
+}
+
+/// The ops of a batch without the record writes a later op of the same batch
+/// overrides (a call's CDR put at answer and again at its end, its active-call
+/// marker put and deleted): the transaction ends in the same state with fewer
+/// B-tree writes. Events are all kept, in order.
+fn latest_record_ops(ops: &[BatchOp]) -> impl Iterator<Item = &BatchOp> {
+    let mut seen: HashSet<&StoreKey> = HashSet::with_capacity(ops.len());
+    let mut keep = vec![true; ops.len()];
+    for (i, op) in ops.iter().enumerate().rev() {
+        if let BatchOp::Put(k, _) | BatchOp::Delete(k) = op {
+            keep[i] = seen.insert(k);
+        }
+    }
+    ops.iter().zip(keep).filter_map(|(op, keep)| keep.then_some(op))
 }
 
 /// Smallest string greater than every string starting with `prefix` (whose last byte is
@@ -147,7 +163,9 @@ impl Store for EmbeddedStore {
             {
                 let mut records = tx.open_table(RECORDS).map_err(|e| StoreError::embedded("write_batch", e))?;
                 let mut events = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("write_batch", e))?;
-                for op in &ops {
+                // Sequence numbers: one lookup per tenant and batch, not per event.
+                let mut next_seq: HashMap<&str, u64> = HashMap::new();
+                for op in latest_record_ops(&ops) {
                     match op {
                         BatchOp::Put(k, v) => {
                             records.insert(k.to_string().as_str(), v.as_slice()).map_err(e)?;
@@ -157,15 +175,22 @@ impl Store for EmbeddedStore {
                         }
                         BatchOp::Event(t, v) => {
                             let t = t.as_str();
-                            let last = events
-                                .range::<(&str, u64)>((t, 0)..=(t, u64::MAX))
-                                .map_err(e)?
-                                .next_back()
-                                .transpose()
-                                .map_err(e)?
-                                .map(|(k, _)| k.value().1)
-                                .unwrap_or(0);
-                            events.insert((t, last + 1), v.as_slice()).map_err(e)?;
+                            let seq = match next_seq.get_mut(t) {
+                                Some(seq) => seq,
+                                None => {
+                                    let last = events
+                                        .range::<(&str, u64)>((t, 0)..=(t, u64::MAX))
+                                        .map_err(e)?
+                                        .next_back()
+                                        .transpose()
+                                        .map_err(e)?
+                                        .map(|(k, _)| k.value().1)
+                                        .unwrap_or(0);
+                                    next_seq.entry(t).or_insert(last)
+                                }
+                            };
+                            *seq += 1;
+                            events.insert((t, *seq), v.as_slice()).map_err(e)?;
                         }
                     }
                 }

@@ -390,10 +390,11 @@ impl ScopedStore {
         StoreKey::new(&self.scope.tenant, kind, id)
     }
 
+    /// `what` names the record in an error; rendered only then.
     fn seal(
         &self,
         ctx: SealContext<'_>,
-        what: &(dyn std::fmt::Display + Sync),
+        what: impl FnOnce() -> String,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, StoreError> {
         self.scope
@@ -401,7 +402,7 @@ impl ScopedStore {
             .seal(ctx, plaintext)
             .map_err(|source| StoreError::Crypto {
                 op: "seal",
-                key: what.to_string(),
+                key: what(),
                 source,
             })
     }
@@ -435,7 +436,7 @@ impl ScopedStore {
     /// A sealed put for [`Store::write_batch`] (the record writer's group commit).
     pub fn sealed_put(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<BatchOp, StoreError> {
         let key = self.key(kind, id)?;
-        let sealed = self.seal(SealContext::Record { kind, id }, &key, value)?;
+        let sealed = self.seal(SealContext::Record { kind, id }, || key.to_string(), value)?;
         Ok(BatchOp::Put(key, sealed))
     }
 
@@ -461,14 +462,13 @@ impl ScopedStore {
 
     /// A sealed event append for [`Store::write_batch`].
     pub fn sealed_event(&self, data: &[u8]) -> Result<BatchOp, StoreError> {
-        let what = format!("{}/events", self.scope.tenant);
-        let sealed = self.seal(SealContext::Event, &what, data)?;
+        let sealed = self.seal(SealContext::Event, || format!("{}/events", self.scope.tenant), data)?;
         Ok(BatchOp::Event(self.scope.tenant.clone(), sealed))
     }
 
     pub async fn put(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<(), StoreError> {
         let key = self.key(kind, id)?;
-        let sealed = self.seal(SealContext::Record { kind, id }, &key, value)?;
+        let sealed = self.seal(SealContext::Record { kind, id }, || key.to_string(), value)?;
         self.vault.inner.store.put(&key, sealed).await
     }
 

@@ -64,7 +64,7 @@ impl Harness {
     fn new() -> Harness {
         let now = Instant::now();
         let setup = default_setup();
-        let call = B2bua::new(setup, now).unwrap();
+        let call = B2bua::new(&setup, now).unwrap();
         let mut h = Harness { call, now, to_a: vec![], to_b: vec![], media: vec![], ended: vec![], progress: vec![] };
         h.drain();
         h
@@ -324,7 +324,7 @@ fn offer_without_g711_is_refused_with_488() {
     let opus = T0_SDP.replace("RTP/AVP 0 101", "RTP/AVP 111").replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:111 opus/48000/2");
     let inv = incoming(&a_request("INVITE", 1, "z9hG4bKx", None, &opus), a_peer());
     let setup = CallSetup { a_invite: inv.request().unwrap().clone(), ..default_setup() };
-    let err = B2bua::new(setup, now).err().unwrap();
+    let err = B2bua::new(&setup, now).err().unwrap();
     assert_eq!(err.code, 488);
 }
 
