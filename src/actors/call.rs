@@ -114,7 +114,7 @@ impl CallShared {
         let media = self.media.take();
         match (self.recording.take(), media) {
             (Some(rec), Some(media)) => {
-                // The WAV is built off the relay task; the CDR is completed with it.
+                // The WAV is built off the media thread; the CDR is completed with it.
                 let (cdr, store, writer, tenant) = (self.cdr.clone(), self.store.clone(), node.writer.clone(), self.tenant.clone());
                 tokio::spawn(async move {
                     let wav = media.finish_recording().await;

@@ -1,7 +1,7 @@
 //! Call recording: capture of G.711 audio in the relay's hot path, and its rendering to
 //! a stereo WAV once the recording is finished.
 //!
-//! Sans-IO: the relay task feeds each relayed RTP datagram to [`Track::record`] (it owns
+//! Sans-IO: the media thread feeds each relayed RTP datagram to [`Track::record`] (it owns
 //! the track while recording, so capturing takes no lock), and [`render`] turns the two
 //! tracks handed back at finish into a WAV. Neither touches a socket; the clock is read
 //! only through the `now` the caller passes.
@@ -9,7 +9,7 @@
 //! Capturing is cheap on purpose: a payload copy and a 12-byte record per packet into
 //! vectors reserved at start. Everything else (decoding, reordering, dropping
 //! duplicates, filling gaps, aligning the two directions) happens in [`render`], off the
-//! relay task.
+//! media thread.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -86,9 +86,9 @@ impl fmt::Debug for Recording {
     }
 }
 
-/// The raw-audio allowance of one recording, shared by its two directions. The two
-/// tracks may be captured by different relay tasks (one task per socket), hence an
-/// atomic: one uncontended add per recorded packet.
+/// The raw-audio allowance of one recording, shared by its two directions' tracks,
+/// which are made by the session and filled on the media thread (so the share must be
+/// `Sync`), hence an atomic: one uncontended add per recorded packet.
 #[derive(Debug)]
 pub(crate) struct Budget {
     max: usize,
@@ -191,7 +191,7 @@ struct Segment {
     arrival: Instant,
 }
 
-/// The capture of one direction. Owned by the relay task while recording.
+/// The capture of one direction. Owned by the media thread while recording.
 pub(crate) struct Track {
     budget: Arc<Budget>,
     audio: Vec<u8>,
@@ -213,7 +213,7 @@ impl fmt::Debug for Track {
 }
 
 impl Track {
-    /// Reserves up front (in the caller of `start_recording`, not the relay task).
+    /// Reserves up front (in the caller of `start_recording`, not the media thread).
     pub(crate) fn new(budget: Arc<Budget>) -> Self {
         let bytes = budget.max.min(INITIAL_RESERVE_BYTES);
         Self {
