@@ -151,6 +151,8 @@ struct EngineInner {
     shards: Vec<Arc<Shard>>,
     /// Round-robin over the shards for new sessions.
     next: AtomicUsize,
+    /// Times binding failed for lack of file descriptors (logged sparingly).
+    emfile: AtomicUsize,
 }
 
 impl Drop for EngineInner {
@@ -187,7 +189,7 @@ impl MediaEngine {
             .map(|i| Shard::start(i, Arc::clone(&pool)))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
-            inner: Arc::new(EngineInner { cfg, pool, shards, next: AtomicUsize::new(0) }),
+            inner: Arc::new(EngineInner { cfg, pool, shards, next: AtomicUsize::new(0), emfile: AtomicUsize::new(0) }),
         })
     }
 
@@ -298,7 +300,11 @@ impl MediaEngine {
                     debug!(port = lease.rtp_port(), "media port in use elsewhere, skipped");
                 }
                 Err(e) if e.raw_os_error() == Some(EMFILE) && !prefer_bound => {
-                    warn!("out of file descriptors for media sockets: reusing a pair in quarantine (raise the open-files limit)");
+                    let n = self.inner.emfile.fetch_add(1, Ordering::Relaxed);
+                    // Once, then every 1,000th time: under overload this is every call.
+                    if n.is_multiple_of(1000) {
+                        warn!(times = n + 1, "out of file descriptors for media sockets: reusing a pair in quarantine (raise the open-files limit)");
+                    }
                     prefer_bound = true;
                 }
                 // Anything else (address not local, permission) is a node problem that
