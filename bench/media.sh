@@ -9,7 +9,7 @@
 #
 # usage: bench/media.sh [N]     (default 500)
 # env:   RATE (call arrival cps, default 100), HOLD_S (window, default 25),
-#        CROSSBAR_BIN (skip the build), ONLY=direct|crossbar
+#        CROSSBAR_BIN (skip the build), ONLY=direct|crossbar, SKIP_FLOOR=1 (no kernel floor)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -69,6 +69,16 @@ measure() {
             'BEGIN {printf "  %-9s crossbar CPU:      %.1f%% of one core = %.4f%% per relayed call\n  %-9s crossbar RSS:      %d kB idle, %d kB with %d calls = %.1f kB per call\n", "", t/hz/w*100, t/hz/w*100/n, "", r0, r1, n, (r1-r0)/n}'
     fi
 }
+
+# The kernel's floor on this machine, same run: recvfrom + sendto alone for N calls'
+# sockets, no relay logic (examples/udp_floor.rs). No user-space relay with one socket
+# per port can go below it.
+if [[ -z "${SKIP_FLOOR:-}" ]]; then
+    TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+    (cd "$ROOT" && cargo build --release --quiet --example udp_floor) || { echo "bench: building udp_floor failed" >&2; exit 1; }
+    FLOOR=$("$TARGET/release/examples/udp_floor" "$N" | grep '^RESULT')
+    echo "$FLOOR" | tr ' ' '\n' | awk -F= '{v[$1]=$2} END {printf "== kernel floor (examples/udp_floor, %s): recvfrom %.2f us + sendto %.2f us per packet = %.4f%% of one core per call at 100 packets/s\n", "'"$N"' calls", v["recv_us"], v["send_us"], v["pct_per_call"]}'
+fi
 
 if [[ "${ONLY:-}" != crossbar ]]; then
     echo "== SIPp UAC -> SIPp UAS (direct baseline)"

@@ -66,5 +66,5 @@ kill "$CB_PID" 2>/dev/null || true
 
 if [[ -z "${SKIP_PLAIN:-}" ]]; then
     echo "== baseline in the same run: plain RTP relay, $N calls (bench/media.sh)"
-    ONLY=crossbar HOLD_S=$WINDOW_S CROSSBAR_BIN="$BIN" "$ROOT/bench/media.sh" "$N" | grep -E 'crossbar (CPU|RSS)|calls ok|loss' || true
+    ONLY=crossbar HOLD_S=$WINDOW_S CROSSBAR_BIN="$BIN" "$ROOT/bench/media.sh" "$N" | grep -E 'kernel floor|crossbar (CPU|RSS)|calls ok|loss' || true
 fi

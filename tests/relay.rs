@@ -183,17 +183,14 @@ async fn latching_follows_actual_source() {
     )
     .await;
 
-    // Only the first packet after (re)arming latches: a stranger's packet is relayed but
+    // Only the first packet after (re)arming latches, and a latched port hears only its
+    // party: a stranger's packet is not relayed (no audio injected into the call) and
     // does not steal A's media.
     let stranger = party().await;
-    hop(
-        &stranger,
-        s.local_rtp(Side::A),
-        &pb,
-        s.local_rtp(Side::B),
-        b"stray",
-    )
-    .await;
+    let dropped = s.stats().a_to_b_rtp.dropped;
+    stranger.send_to(b"stray", s.local_rtp(Side::A)).await.expect("send");
+    assert!(recv(&pb, Duration::from_millis(300)).await.is_none(), "a stranger's packet reached B");
+    assert_eq!(s.stats().a_to_b_rtp.dropped, dropped, "dropped by the kernel: the port is connected to A");
     hop(
         &pb,
         s.local_rtp(Side::B),
@@ -202,6 +199,24 @@ async fn latching_follows_actual_source() {
         b"still pa",
     )
     .await;
+}
+
+#[tokio::test]
+async fn latched_port_ignores_strangers_before_anything_was_sent_to_it() {
+    let eng = engine(23160, 23179);
+    let s = eng.open_session().await.unwrap();
+    let (pa, pb, stranger) = (party().await, party().await, party().await);
+    s.set_remote(Side::A, addr(&pa), None);
+    s.set_remote(Side::B, addr(&pb), None);
+    // A latches; nothing has gone to A yet, so A's port is not connected: the relay itself
+    // must refuse the stranger.
+    hop(&pa, s.local_rtp(Side::A), &pb, s.local_rtp(Side::B), b"from A").await;
+    stranger.send_to(b"stray", s.local_rtp(Side::A)).await.expect("send");
+    assert!(eventually(|| s.stats().a_to_b_rtp.dropped == 1).await, "{:?}", s.stats());
+    assert!(recv(&pb, Duration::from_millis(200)).await.is_none(), "a stranger's packet reached B");
+    assert_eq!(s.remote_rtp(Side::A), Some(addr(&pa)), "the stranger did not steal A's media");
+    hop(&pa, s.local_rtp(Side::A), &pb, s.local_rtp(Side::B), b"A again").await;
+    assert_eq!(s.stats().a_to_b_rtp.packets, 2);
 }
 
 #[tokio::test]

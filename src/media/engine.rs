@@ -345,6 +345,7 @@ impl Worker {
             return;
         };
         s.relayer.flush(&s.inner);
+        s.relayer.release(&s.inner);
         for p in s.pairs {
             self.owner[usize::from(p)] = NO_OWNER;
         }
