@@ -153,6 +153,40 @@ fn browser_answers_a_carrier_call_with_media_both_ways() {
     }
 }
 
+/// 1 with a late offer: the carrier's INVITE has no SDP, so crossbar makes its
+/// own DTLS/SAVPF offer to the browser, offers the carrier (in the 200) the
+/// codec the browser chose, and takes the carrier's answer from its ACK. The
+/// carrier echoes the browser's RTP back.
+#[test]
+fn browser_answers_a_carrier_late_offer_with_media_both_ways() {
+    let cb = Crossbar::start(NodeConfig::new());
+    let dir = TempDir::new("browser-late");
+    let mut page = Script::start("incoming_from_carrier.mjs", args(&cb, serde_json::json!({"callerId": "15559990000", "did": ACME_DID})));
+    page.wait_step("registered", Duration::from_secs(40), &cb);
+    let sipp = Sipp::new("uac_late_offer_echo.xml", CARRIER, free_port(CARRIER))
+        .remote(cb.sipp_target())
+        .caller("15559990000", "carrier.example", "127.0.0.1", ACME_DID)
+        .media(CARRIER, free_media_port(CARRIER))
+        .arg("-rtp_echo")
+        .arg("-d")
+        .arg(9000)
+        .timeout(Duration::from_secs(60))
+        .spawn(&dir);
+    page.wait_step("ringing", Duration::from_secs(20), &cb);
+    page.wait_step("media", Duration::from_secs(30), &cb);
+    let out = sipp.wait();
+    assert!(out.success(), "carrier SIPp (no SDP offer in the 200?)\n{}\n{}", out.report(), cb.report());
+    let offer = out.log.lines().find_map(|l| l.split("OFFER in 200 sdp=").nth(1)).unwrap_or_default().to_string();
+    assert!(offer.starts_with("127.0.0.1:") && (offer.ends_with("pt=0") || offer.ends_with("pt=8")), "the carrier's offer is crossbar's plain G.711: {offer:?}\n{}", out.report());
+    page.wait_step("ended", Duration::from_secs(20), &cb);
+    page.wait_success(Duration::from_secs(20), &cb);
+    let calls = cb.wait_calls_ended(1, Duration::from_secs(10));
+    let c = calls.last().unwrap_or_else(|| panic!("no call ended\n{}", cb.report()));
+    assert_eq!(c.get("disposition"), Some("answered"), "{}", c.line);
+    assert!(c.num("b_to_a_packets") > 50, "browser → carrier RTP: {}", c.line);
+    assert!(c.num("a_to_b_packets") > 50, "carrier → browser RTP (the carrier's echo): {}", c.line);
+}
+
 /// 2: alice dials an external number; the carrier answers (RTP echo); alice hangs up.
 #[test]
 fn browser_calls_out_through_the_carrier() {

@@ -423,3 +423,41 @@ fn carrier_call_to_an_extension_registered_over_tcp() {
     assert_eq!(call.get("disposition"), Some("answered"), "{}", call.line);
     assert_rtp_both_ways(&cb, &call, 50);
 }
+
+// Late offer --------------------------------------------------------------------
+
+/// A carrier's INVITE without SDP (RFC 3261 §13.2.1): the callee gets an INVITE
+/// without SDP too, its 200 carries the offer (through crossbar to the carrier),
+/// the carrier's ACK carries the answer (through crossbar to the callee's ACK),
+/// and RTP flows both ways through crossbar.
+#[test]
+fn carrier_late_offer_to_registered_extension_rtp_both_ways() {
+    let cb = Crossbar::start(NodeConfig::new());
+    let dir = TempDir::new("lateoffer");
+    let uas = registered_uas(&cb, &dir, "uas_answer_offer.xml", "1001", ACME, "acme1001pw", 1, &[]);
+    let (caller, media) = carrier_caller(&cb, "uac_late_offer.xml", ACME_DID);
+    let probe = BacklogProbe::start(media);
+    let uac = caller.arg("-d").arg(3000).run(&dir);
+    let (rx_bytes, rx_drops) = probe.finish();
+    let uas = uas.wait();
+    assert!(uac.success(), "caller failed (no SDP offer in the 200?)\n{}\n{}\n{}", uac.report(), uas.report(), cb.report());
+    assert!(uas.success(), "callee failed (SDP in the INVITE, or no answer in the ACK?)\n{}\n{}", uas.report(), cb.report());
+    assert!(uas.log.contains("INVITE without SDP call_id="), "{}", uas.report());
+    assert!(uas.log.contains("BYE received"), "{}", uas.report());
+
+    // Both SDPs point at crossbar (127.0.0.1), never at the other party.
+    let sdp_addr = |log: &str, marker: &str| log.lines().find_map(|l| l.split(marker).nth(1)).map(|s| s.trim().to_string()).unwrap_or_default();
+    let offer = sdp_addr(&uac.log, "OFFER in 200 sdp=");
+    let answer = sdp_addr(&uas.log, "ACK answer sdp=");
+    assert!(offer.starts_with("127.0.0.1:"), "the caller's offer does not point at crossbar: {offer:?}\n{}", uac.report());
+    assert!(answer.starts_with("127.0.0.1:"), "the callee's answer does not point at crossbar: {answer:?}\n{}", uas.report());
+    assert_ne!(answer, media.to_string(), "the caller's media address leaked to the callee");
+    assert_ne!(offer, answer, "crossbar has one media address per leg");
+
+    let call = one_call_ended(&cb);
+    assert_eq!(call.get("tenant"), Some("acme"), "{}", call.line);
+    assert_eq!(call.get("disposition"), Some("answered"), "{}", call.line);
+    // 3 s of 20 ms packets is ~150
+    assert_rtp_both_ways(&cb, &call, 75);
+    assert!(rx_bytes > 0 || rx_drops > 0, "no RTP reached the caller's socket {media}");
+}

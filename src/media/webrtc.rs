@@ -19,6 +19,16 @@
 //! Offers crossbar makes to a browser are str0m's: `UDP/TLS/RTP/SAVPF`, BUNDLE,
 //! rtcp-mux, one host candidate at the configured public media address.
 //!
+//! **Late offer** (a carrier's INVITE without SDP, to a browser): crossbar
+//! offers the browser PCMU, PCMA and telephone-event itself
+//! ([`Bridge::late_offer`]); the browser's answer ([`Bridge::answer`]) gives
+//! the plain offer for the carrier: the G.711 codec the browser chose, and
+//! telephone-event if the browser took it (without it DTMF events could not
+//! reach the browser anyway). The carrier's answer, in its ACK, only sets
+//! where its RTP goes ([`Bridge::late_answer`]); it must keep the offered
+//! G.711 codec, since packets pass without transcoding. A browser's INVITE
+//! always has an offer: a late offer from a WebRTC leg is refused.
+//!
 //! An offer that changes nothing (a carrier's session refresh, a re-INVITE
 //! repeating its offer) is not an error: as RFC 3264 §8 has it, the plain
 //! party gets the same SDP with the same `o=` version when it is the same
@@ -169,6 +179,14 @@ pub fn parse_audio(sdp: &str) -> Result<AudioDesc, String> {
     let ip = media_c.or(session_c);
     Ok(AudioDesc { codecs, direction, addr: ip.map(|ip| SocketAddr::new(ip, port)), mid })
 }
+
+/// What crossbar offers a browser when the other party sent no offer: the
+/// static G.711 payload types and telephone-event at 101, as carriers use it.
+const LATE_OFFER_CODECS: [AudioCodec; 3] = [
+    AudioCodec { pt: 0, format: AudioFormat::Pcmu },
+    AudioCodec { pt: 8, format: AudioFormat::Pcma },
+    AudioCodec { pt: 101, format: AudioFormat::TelephoneEvent },
+];
 
 /// The first G.711 codec and the telephone-event codec, if any: what both sides get.
 pub fn choose(codecs: &[AudioCodec]) -> Vec<AudioCodec> {
@@ -458,6 +476,50 @@ impl Bridge {
         }
     }
 
+    /// The party on the other side of `to` sent an INVITE without SDP:
+    /// crossbar's own offer to `to`, a browser (PCMU, PCMA, telephone-event).
+    /// The browser's answer goes to [`Bridge::answer`] as usual.
+    pub fn late_offer(&mut self, to: Side, now: Instant) -> Result<Vec<u8>, String> {
+        if matches!(self.legs[idx(to.other())], Leg::WebRtc(_)) {
+            return Err("a WebRTC leg must send its SDP offer in the INVITE".into());
+        }
+        let Leg::WebRtc(w) = &mut self.legs[idx(to)] else {
+            return Err("no WebRTC leg to make an offer to".into());
+        };
+        if w.rtc.is_some() {
+            return Err("the browser leg already has a session".into());
+        }
+        w.rtc = Some(Self::build_rtc(w.candidate, &LATE_OFFER_CODECS, now)?);
+        w.touched();
+        let rtc = w.rtc.as_mut().expect("built above");
+        let mut api = rtc.sdp_api();
+        w.mid = Some(api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None));
+        let (offer, pending) = api.apply().expect("adding media is a change");
+        w.pending = Some(pending);
+        Ok(offer.to_sdp_string().into_bytes())
+    }
+
+    /// `from`, a plain party that sent an INVITE without SDP, answered in its
+    /// ACK the offer [`Bridge::answer`] made for it: its address is learnt;
+    /// the answer must keep the offered G.711 codec (no transcoding).
+    pub fn late_answer(&mut self, from: Side, sdp: &[u8]) -> Result<(), String> {
+        let text = std::str::from_utf8(sdp).map_err(|_| "SDP is not UTF-8".to_string())?;
+        let desc = parse_audio(text)?;
+        let Leg::Plain(p) = &mut self.legs[idx(from)] else {
+            return Err("a WebRTC leg must send its SDP offer in the INVITE".into());
+        };
+        let offered = p.sent.as_ref().and_then(|(_, body)| std::str::from_utf8(body).ok()).and_then(|t| parse_audio(t).ok());
+        let Some(offered) = offered else {
+            return Err("no offer was made to answer".into());
+        };
+        let voice = offered.codecs.iter().find(|c| c.format != AudioFormat::TelephoneEvent).copied().expect("parse_audio requires a G.711 codec");
+        if !desc.codecs.contains(&voice) {
+            return Err(format!("the answer drops the offered codec ({:?}, payload type {}): browser legs are bridged without transcoding", voice.format, voice.pt));
+        }
+        p.set_remote(desc.addr);
+        Ok(())
+    }
+
     /// `from` answered: returns the answer for the other side (the offerer).
     pub fn answer(&mut self, from: Side, sdp: &[u8], now: Instant) -> Result<Vec<u8>, String> {
         let text = std::str::from_utf8(sdp).map_err(|_| "SDP is not UTF-8".to_string())?;
@@ -745,6 +807,18 @@ impl SdpAdapter for BridgeSdp {
 
     fn answer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String> {
         let r = self.0.bridge.lock().answer(from, sdp, Instant::now());
+        self.0.kick();
+        r
+    }
+
+    fn late_offer(&self, to: Side) -> Result<Vec<u8>, String> {
+        let r = self.0.bridge.lock().late_offer(to, Instant::now());
+        self.0.kick();
+        r
+    }
+
+    fn late_answer(&self, from: Side, sdp: &[u8]) -> Result<(), String> {
+        let r = self.0.bridge.lock().late_answer(from, sdp);
         self.0.kick();
         r
     }

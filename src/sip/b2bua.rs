@@ -6,6 +6,27 @@
 //! SDP, and the call's end. It owns its RFC 3261 transactions; the Call actor
 //! (`actors::call`) is a thin driver that owns the sockets, the media relay and
 //! one timer. Unit tests at the bottom drive it with a virtual clock.
+//!
+//! **Late offer** (RFC 3261 §13.2.1, RFC 3264): an INVITE without SDP goes on
+//! to the callee without SDP; the callee's 2xx carries the offer, which goes
+//! to the caller in its 200 (rewritten to crossbar's A-side address), and the
+//! caller's ACK carries the answer, which goes to the callee in the ACK of its
+//! 2xx (rewritten to crossbar's B-side address). The callee's ACK therefore
+//! waits for the caller's: a 2xx the callee retransmits meanwhile is not
+//! answered. When the exchange fails (no or unusable SDP in the callee's 2xx
+//! or the caller's ACK, or no ACK at all), the callee's 2xx is still ACKed,
+//! without a body because there is no answer to give, and a BYE follows at
+//! once. SDP in a 18x is not passed to the caller of a late-offer call: it
+//! would be the callee's offer in a provisional, which needs 100rel (RFC 3262),
+//! and crossbar does not support that.
+//!
+//! With a WebRTC callee ([`SdpAdapter`]), crossbar makes its own offer to the
+//! browser ([`SdpAdapter::late_offer`]); the browser's answer in its 2xx gives
+//! the plain offer for the caller (the codec the browser chose), and the
+//! caller's answer in its ACK completes the session
+//! ([`SdpAdapter::late_answer`]). The browser's 2xx is ACKed at once: it
+//! answered crossbar's offer, so its ACK carries nothing. A late-offer INVITE
+//! from a browser is refused with 488 (browsers always send an offer).
 
 use super::msg::{self, Incoming, Peer};
 use super::sdp::Sdp;
@@ -24,6 +45,14 @@ pub trait SdpAdapter: Send + Sync + std::fmt::Debug {
     fn offer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String>;
     /// `from` answered: the answer to send to the other side.
     fn answer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String>;
+    /// The other side's INVITE had no SDP (late offer): crossbar's own offer to
+    /// `to`. `to`'s answer then goes to [`SdpAdapter::answer`], which gives the
+    /// offer for the late offerer (in the 2xx), whose answer (in its ACK) goes
+    /// to [`SdpAdapter::late_answer`]. Err: 488 with the text.
+    fn late_offer(&self, to: Side) -> Result<Vec<u8>, String>;
+    /// `from` answered, in its ACK, the offer crossbar put in the 2xx of a
+    /// late-offer call: nothing goes on to the other side. Err: the call is hung up.
+    fn late_answer(&self, from: Side, sdp: &[u8]) -> Result<(), String>;
 }
 
 /// Everything a call needs to start, decided by its tenant (routing, caller id).
@@ -220,8 +249,13 @@ pub struct B2bua {
     b_final: bool,
     /// RFC 3261 §9.1: after CANCEL, wait at most 64*T1 for the INVITE's final response.
     b_give_up_at: Option<Instant>,
-    /// ACK sent for B's 2xx, re-sent when the 2xx is retransmitted.
+    /// ACK sent for B's 2xx, re-sent when the 2xx is retransmitted. In a plain
+    /// late-offer call it is built only when A's ACK brings the answer.
     b_ack: Option<Vec<u8>>,
+    /// A's INVITE had no SDP: B's 2xx brings the offer, A's ACK the answer.
+    late_offer: bool,
+    /// Late offer: A got the offer in its 200 and its ACK must bring the answer.
+    a_answer_due: bool,
     cancel_pending: bool,
     ringing_reported: bool,
     clients: Vec<Client>,
@@ -247,15 +281,19 @@ impl B2bua {
     /// is only read: on a refusal its caller still has it to answer A.
     pub fn new(setup: &CallSetup, now: Instant) -> Result<B2bua, Refusal> {
         let a_req = &setup.a_invite;
-        if a_req.body.is_empty() {
-            return Err(Refusal { code: 488, reason: "crossbar needs an SDP offer in the INVITE (late offer is not supported)".into() });
-        }
+        let late_offer = a_req.body.is_empty();
         let (offer_b, a_media) = match &setup.sdp_adapter {
-            Some(adapter) => (adapter.offer(Side::A, &a_req.body).map_err(|e| Refusal { code: 488, reason: format!("SDP offer not acceptable: {e}") })?, None),
+            Some(adapter) if late_offer => {
+                let offer = adapter.late_offer(Side::B).map_err(|e| Refusal { code: 488, reason: format!("late offer (INVITE without SDP) not possible on this call: {e}") })?;
+                (Some(offer), None)
+            }
+            Some(adapter) => (Some(adapter.offer(Side::A, &a_req.body).map_err(|e| Refusal { code: 488, reason: format!("SDP offer not acceptable: {e}") })?), None),
+            // Late offer: B's 2xx will carry the offer (RFC 3261 §13.2.1).
+            None if late_offer => (None, None),
             None => {
                 let sdp_a = Sdp::parse(&a_req.body).map_err(|e| Refusal { code: 488, reason: format!("invalid SDP offer: {e}") })?;
                 let offer = sdp_a.rewrite_offer(setup.media_b).map_err(|e| Refusal { code: 488, reason: format!("SDP offer not acceptable: {e}") })?;
-                (offer, sdp_a.audio_rtp().map(|rtp| (rtp, sdp_a.audio_rtcp())))
+                (Some(offer), sdp_a.audio_rtp().map(|rtp| (rtp, sdp_a.audio_rtcp())))
             }
         };
 
@@ -291,7 +329,7 @@ impl B2bua {
         let mut extra = vec![("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE".to_string())];
         extra.extend(setup.b_extra_headers.iter().cloned());
         let mut b_req = b
-            .request(Method::Invite, Some(offer_b), extra)
+            .request(Method::Invite, offer_b, extra)
             .ok_or_else(|| Refusal { code: 500, reason: format!("cannot build an INVITE for {}", setup.b_uri) })?;
         msg::replace(&mut b_req.headers, "Max-Forwards", max_fwd.to_string());
 
@@ -314,6 +352,8 @@ impl B2bua {
             b_final: false,
             b_give_up_at: None,
             b_ack: None,
+            late_offer,
+            a_answer_due: false,
             cancel_pending: false,
             ringing_reported: false,
             clients: Vec::new(),
@@ -453,6 +493,10 @@ impl B2bua {
                     if self.state == State::Answered {
                         self.state = State::Confirmed;
                     }
+                    if self.a_answer_due {
+                        self.a_answer_due = false;
+                        self.on_late_answer(&req, now);
+                    }
                     return;
                 }
             }
@@ -488,6 +532,10 @@ impl B2bua {
                 }
                 tx.respond(msg::response_to(&req, 200, None), now);
                 self.servers.push(Server { id, side, tx, answered: true });
+                if side == Side::B {
+                    // Late offer, A's answer not in yet: B's 2xx is still ACKed.
+                    self.ack_b(None);
+                }
                 if self.state != State::Ending {
                     let other = other(side);
                     self.send_bye(other, now);
@@ -700,7 +748,9 @@ impl B2bua {
                     return;
                 }
                 let mut r = self.response_for_a(code);
-                if !resp.body.is_empty() && is_sdp_resp(&resp) {
+                // In a late-offer call this SDP would be B's offer in a provisional:
+                // only reliable provisionals (100rel, RFC 3262) may carry it.
+                if !self.late_offer && !resp.body.is_empty() && is_sdp_resp(&resp) {
                     match self.answer_sdp(&resp.body) {
                         Ok(body) => msg::set_body(&mut r.headers, &mut r.body, Some("application/sdp"), body),
                         Err(e) => tracing::debug!("dropping unusable early-media SDP: {e}"),
@@ -743,19 +793,16 @@ impl B2bua {
     }
 
     fn on_b_answer(&mut self, resp: Response, now: Instant) {
-        let first = !self.b_answered;
+        if self.b_answered {
+            // Retransmitted 2xx: the same ACK again (none yet while a late
+            // offer waits for A's answer).
+            if let Some(ack) = &self.b_ack {
+                self.out.push_back(CallOutput::Send { side: Side::B, bytes: ack.clone() });
+            }
+            return;
+        }
         self.b_answered = true;
-        if first {
-            self.b.learn_from_response(&resp);
-            let cseq = msg::header(&self.b_invite.request().headers, "CSeq").and_then(msg::parse_cseq).map(|c| c.0).unwrap_or(1);
-            self.b_ack = self.b.build(Method::Ack, cseq, &new_branch(), None, vec![]).map(|r| msg::request_bytes(&r));
-        }
-        if let Some(ack) = &self.b_ack {
-            self.out.push_back(CallOutput::Send { side: Side::B, bytes: ack.clone() });
-        }
-        if !first {
-            return; // retransmitted 2xx: re-ACKed above
-        }
+        self.b.learn_from_response(&resp);
         if self.a_invite_final || self.ended.is_some() {
             // CANCEL raced the answer (or the call was refused meanwhile): hang the callee up.
             self.send_bye(Side::B, now);
@@ -763,16 +810,37 @@ impl B2bua {
             return;
         }
         let mut r = self.response_for_a(200);
-        if !resp.body.is_empty() {
-            match self.answer_sdp(&resp.body) {
-                Ok(body) => msg::set_body(&mut r.headers, &mut r.body, Some("application/sdp"), body),
-                Err(e) => {
-                    let why = format!("callee answered with unusable SDP: {e}");
+        if self.late_offer {
+            match self.late_offer_for_a(&resp) {
+                Ok(offer) => {
+                    msg::set_body(&mut r.headers, &mut r.body, Some("application/sdp"), offer);
+                    self.a_answer_due = true;
+                    if self.sdp_adapter.is_some() {
+                        // The browser answered crossbar's own offer: its ACK carries nothing.
+                        self.ack_b(None);
+                    }
+                }
+                Err(why) => {
                     self.fail_a(488, &why, now);
-                    self.send_bye(Side::B, now);
+                    self.send_bye_because(Side::B, 488, &why, now);
                     self.state = State::Ending;
                     self.end(Disposition::Failed, 488, Some(Side::B), &why);
                     return;
+                }
+            }
+        } else {
+            self.ack_b(None);
+            if !resp.body.is_empty() {
+                match self.answer_sdp(&resp.body) {
+                    Ok(body) => msg::set_body(&mut r.headers, &mut r.body, Some("application/sdp"), body),
+                    Err(e) => {
+                        let why = format!("callee answered with unusable SDP: {e}");
+                        self.fail_a(488, &why, now);
+                        self.send_bye(Side::B, now);
+                        self.state = State::Ending;
+                        self.end(Disposition::Failed, 488, Some(Side::B), &why);
+                        return;
+                    }
                 }
             }
         }
@@ -780,6 +848,70 @@ impl B2bua {
         self.a_invite_final = true;
         self.state = State::Answered;
         self.out.push_back(CallOutput::Answered);
+    }
+
+    /// Late offer: B's 2xx → the offer for A's 200. Plain: B's offer rewritten
+    /// to crossbar's A-side address. WebRTC: the browser's answer to crossbar's
+    /// offer gives crossbar's plain offer to A.
+    fn late_offer_for_a(&mut self, resp: &Response) -> Result<Vec<u8>, String> {
+        if resp.body.is_empty() || !is_sdp_resp(resp) {
+            return Err("late offer: the callee's 200 OK has no SDP offer".into());
+        }
+        if let Some(adapter) = &self.sdp_adapter {
+            return adapter.answer(Side::B, &resp.body).map_err(|e| format!("late offer: the callee's SDP is not usable: {e}"));
+        }
+        let sdp = Sdp::parse(&resp.body).map_err(|e| format!("late offer: the callee's SDP offer is invalid: {e}"))?;
+        let offer = sdp.rewrite_offer(self.media_a).map_err(|e| format!("late offer: the callee's SDP offer is not acceptable: {e}"))?;
+        if let Some(rtp) = sdp.audio_rtp() {
+            self.out.push_back(CallOutput::Media { side: Side::B, rtp, rtcp: sdp.audio_rtcp() });
+        }
+        Ok(offer)
+    }
+
+    /// Late offer: A's ACK to the 200 that carried the offer must bring the
+    /// answer, which B gets in the ACK of its 2xx (plain calls). Without a
+    /// usable answer both legs are hung up.
+    fn on_late_answer(&mut self, ack: &Request, now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        let result = if ack.body.is_empty() || !has_sdp_type(&ack.headers) {
+            Err("late offer: the caller's ACK has no SDP answer".to_string())
+        } else if let Some(adapter) = &self.sdp_adapter {
+            adapter.late_answer(Side::A, &ack.body).map(|()| None).map_err(|e| format!("late offer: the caller's SDP answer is not usable: {e}"))
+        } else {
+            Sdp::parse(&ack.body)
+                .and_then(|sdp| Ok((sdp.rewrite_answer(self.media_b)?, sdp)))
+                .map(|(answer, sdp)| {
+                    if let Some(rtp) = sdp.audio_rtp() {
+                        self.out.push_back(CallOutput::Media { side: Side::A, rtp, rtcp: sdp.audio_rtcp() });
+                    }
+                    Some(answer)
+                })
+                .map_err(|e| format!("late offer: the caller's SDP answer is not acceptable: {e}"))
+        };
+        match result {
+            Ok(answer) => self.ack_b(answer),
+            Err(why) => {
+                tracing::debug!("{why}");
+                self.send_bye_because(Side::A, 488, &why, now);
+                self.send_bye_because(Side::B, 488, &why, now);
+                self.end(Disposition::Failed, 200, None, &why);
+            }
+        }
+    }
+
+    /// ACKs B's 2xx (RFC 3261 §13.2.2.4) once, with `answer` as its body;
+    /// retransmitted 2xx get the same ACK again. Nothing before the 2xx.
+    fn ack_b(&mut self, answer: Option<Vec<u8>>) {
+        if !self.b_answered || self.b_ack.is_some() {
+            return;
+        }
+        let cseq = msg::header(&self.b_invite.request().headers, "CSeq").and_then(msg::parse_cseq).map(|c| c.0).unwrap_or(1);
+        self.b_ack = self.b.build(Method::Ack, cseq, &new_branch(), answer, vec![]).map(|r| msg::request_bytes(&r));
+        if let Some(ack) = &self.b_ack {
+            self.out.push_back(CallOutput::Send { side: Side::B, bytes: ack.clone() });
+        }
     }
 
     fn on_client_event(&mut self, i: usize, ev: ClientEvent, now: Instant) {
@@ -923,8 +1055,22 @@ impl B2bua {
     }
 
     fn send_bye(&mut self, side: Side, now: Instant) {
+        self.send_bye_with(side, vec![], now);
+    }
+
+    /// A BYE with a Reason (RFC 3326) saying why crossbar ends the call.
+    fn send_bye_because(&mut self, side: Side, cause: u16, why: &str, now: Instant) {
+        let text: String = why.chars().map(|c| if c == '"' || c == '\\' || c.is_control() { '\'' } else { c }).collect();
+        self.send_bye_with(side, vec![("Reason", format!("SIP;cause={cause};text=\"{text}\""))], now);
+    }
+
+    fn send_bye_with(&mut self, side: Side, extra: Vec<(&'static str, String)>, now: Instant) {
+        if side == Side::B {
+            // A 2xx is always ACKed before the BYE, even when a late offer got no answer.
+            self.ack_b(None);
+        }
         let reliable = self.leg(side).peer.proto.reliable();
-        if let Some(req) = self.leg(side).request(Method::Bye, None, vec![]) {
+        if let Some(req) = self.leg(side).request(Method::Bye, None, extra) {
             let tx = ClientTx::new(req, reliable, &self.timers, now);
             self.clients.push(Client { side, tx, purpose: Purpose::Bye, done: false });
         }
@@ -935,6 +1081,7 @@ impl B2bua {
             return;
         }
         self.state = State::Ending;
+        self.a_answer_due = false;
         let info = EndInfo { disposition, code, hangup_side, reason: reason.to_string(), answered: self.b_answered && disposition == Disposition::Answered };
         self.ended = Some(info.clone());
         self.out.push_back(CallOutput::Ended(info));
@@ -953,7 +1100,12 @@ fn is_sdp(req: &Request) -> bool {
 }
 
 fn is_sdp_resp(r: &Response) -> bool {
-    msg::header(&r.headers, "Content-Type").is_none_or(|c| c.trim().to_ascii_lowercase().starts_with("application/sdp"))
+    has_sdp_type(&r.headers)
+}
+
+/// The body is SDP, or untyped (taken as SDP, as peers that omit Content-Type mean it).
+fn has_sdp_type(headers: &rsipstack::sip::Headers) -> bool {
+    msg::header(headers, "Content-Type").is_none_or(|c| c.trim().to_ascii_lowercase().starts_with("application/sdp"))
 }
 
 /// Header names we copy are from a fixed list; this keeps their `&'static str`.

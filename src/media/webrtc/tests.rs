@@ -232,6 +232,66 @@ fn carrier_to_browser_offer_answer_and_media() {
     assert!(st.a_to_b_rtp.packets >= 15 && st.b_to_a_rtp.packets >= 15, "{st:?}");
 }
 
+/// A carrier (plain, side A) calls a browser with a late offer (INVITE
+/// without SDP): crossbar offers the browser PCMU, PCMA and telephone-event
+/// itself, the carrier is offered what the browser chose, answers in its ACK,
+/// and media flows both ways.
+#[test]
+fn carrier_late_offer_to_browser_media_both_ways() {
+    let mut now = Instant::now();
+    let mut bridge = Bridge::new([LegKind::Plain, LegKind::WebRtc], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    let to_browser = String::from_utf8(bridge.late_offer(Side::B, now).unwrap()).unwrap();
+    assert!(to_browser.contains("UDP/TLS/RTP/SAVPF") && to_browser.contains("a=group:BUNDLE") && to_browser.contains("a=rtcp-mux"), "{to_browser}");
+    assert!(to_browser.contains("a=rtpmap:0 PCMU/8000") && to_browser.contains("a=rtpmap:8 PCMA/8000") && to_browser.contains("a=rtpmap:101 telephone-event/8000"), "{to_browser}");
+    assert!(to_browser.contains("127.0.0.1 30002"), "{to_browser}");
+    assert!(bridge.late_offer(Side::B, now).is_err(), "one session per browser leg");
+
+    let mut browser = Browser::new("127.0.0.1:50004".parse().unwrap(), now);
+    let answer = browser.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&to_browser).unwrap()).unwrap().to_sdp_string();
+    let to_carrier = String::from_utf8(bridge.answer(Side::B, answer.as_bytes(), now).unwrap()).unwrap();
+    let offered = parse_audio(&to_carrier).unwrap();
+    assert_eq!(offered.addr, Some(bridge_addr(Side::A)));
+    assert_eq!(offered.codecs[0], AudioCodec { pt: 0, format: AudioFormat::Pcmu }, "the browser's first choice: {to_carrier}");
+    assert!(offered.codecs.iter().all(|c| c.format != AudioFormat::Pcma), "one G.711 codec only: {to_carrier}");
+
+    let carrier: SocketAddr = CARRIER.parse().unwrap();
+    let pcma_answer = "v=0\r\no=carrier 7 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 8\r\na=sendrecv\r\n";
+    assert!(bridge.late_answer(Side::A, pcma_answer.as_bytes()).unwrap_err().contains("drops the offered codec"), "PCMA to a PCMU offer");
+    let carrier_answer = "v=0\r\no=carrier 7 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=sendrecv\r\n";
+    bridge.late_answer(Side::A, carrier_answer.as_bytes()).unwrap();
+
+    connect(&mut bridge, &mut [None, Some(&mut browser)], &mut now);
+    // Browser → carrier first: no packet from the carrier yet, so this goes to
+    // the address of its answer (nothing latched).
+    let mid = answer_mid(&answer);
+    let mut plain_out = Vec::new();
+    for seq in 0..20u64 {
+        now += Duration::from_millis(20);
+        send_from_browser(&mut browser, mid, 700 + seq, now);
+        bridge.handle_timeout(now);
+        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
+    }
+    let got: Vec<_> = plain_out.iter().filter(|(d, _)| *d == carrier).collect();
+    assert!(got.len() >= 15, "carrier got {} packets", got.len());
+    assert!(got.iter().all(|(_, p)| parse_rtp(p).is_some_and(|(h, payload)| h.pt == 0 && payload == [0x11; 160])));
+    // Carrier → browser.
+    for seq in 0..20u16 {
+        now += Duration::from_millis(20);
+        bridge.handle_receive(Side::A, carrier, &rtp(0, 2000 + seq), now);
+        bridge.handle_timeout(now);
+        browser.rtc.handle_input(Input::Timeout(now)).unwrap();
+        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
+    }
+    assert!(browser.got_rtp.len() >= 15, "browser got {} packets", browser.got_rtp.len());
+    assert!(browser.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && p.len() == 160));
+}
+
+#[test]
+fn late_offer_from_a_browser_is_refused() {
+    let mut bridge = Bridge::new([LegKind::WebRtc, LegKind::Plain], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    assert!(bridge.late_offer(Side::B, Instant::now()).unwrap_err().contains("must send its SDP offer"));
+}
+
 fn answer_mid(sdp: &str) -> Mid {
     Mid::from(parse_audio(sdp).unwrap().mid.unwrap().as_str())
 }

@@ -62,8 +62,17 @@ fn o_name(o: &CallOutput) -> &'static str {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_setup(default_setup())
+    }
+
+    /// The caller's INVITE has no SDP (late offer).
+    fn late_offer() -> Harness {
+        let inv = incoming(&a_request("INVITE", 1, "z9hG4bKinv", None, ""), a_peer());
+        Harness::with_setup(CallSetup { a_invite: inv.request().unwrap().clone(), ..default_setup() })
+    }
+
+    fn with_setup(setup: CallSetup) -> Harness {
         let now = Instant::now();
-        let setup = default_setup();
         let call = B2bua::new(&setup, now).unwrap();
         let mut h = Harness { call, now, to_a: vec![], to_b: vec![], media: vec![], ended: vec![], progress: vec![] };
         h.drain();
@@ -388,4 +397,285 @@ fn early_media_183_passes_with_anchored_sdp() {
     assert!(early.contains("m=audio 20000 ") && early.contains("c=IN IP4 192.0.2.1"), "the caller hears early media through crossbar: {early}");
     assert!(h.media.contains(&(Side::B, "10.0.0.2:5000".parse().unwrap())), "relay learns the callee's address from the 183");
     assert_eq!(h.progress, vec!["ringing"]);
+}
+
+// Late offer (RFC 3261 §13.2.1): INVITE without SDP, offer in the 2xx, answer in the ACK.
+
+const A_ANSWER: &str = "v=0\r\no=- 3 3 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+
+fn body(m: &str) -> &str {
+    m.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
+}
+
+#[test]
+fn late_offer_takes_the_offer_from_the_callees_200_and_the_answer_from_the_callers_ack() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    assert!(body(&inv).is_empty() && !inv.contains("Content-Type"), "B's INVITE has no SDP either: {inv}");
+    assert!(inv.contains("Content-Length: 0"), "{inv}");
+    assert!(h.media.is_empty(), "no media address before any SDP");
+
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    let ok = h.to_a.last().unwrap().clone();
+    assert!(ok.starts_with("SIP/2.0 200") && ok.contains("Content-Type: application/sdp"), "{ok}");
+    let offer = body(&ok);
+    assert!(offer.contains("c=IN IP4 192.0.2.1") && offer.contains("m=audio 20000 RTP/AVP 0"), "A's 200 carries B's offer with crossbar's A-side address: {offer}");
+    assert_eq!(h.media, vec![(Side::B, "10.0.0.2:5000".parse().unwrap())]);
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 0, "B's ACK waits for A's answer");
+    assert_eq!(h.progress, vec!["ringing", "answered"]);
+
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&a_tag(&h)), A_ANSWER));
+    let ack = h.last_b_request("ACK");
+    assert!(ack.starts_with("ACK sip:callee@10.0.0.2:5060") && ack.contains("CSeq: 1 ACK"), "{ack}");
+    assert!(ack.contains("Content-Type: application/sdp"), "{ack}");
+    let answer = body(&ack);
+    assert!(answer.contains("c=IN IP4 192.0.2.1") && answer.contains("m=audio 20002 RTP/AVP 0"), "B's ACK carries A's answer with crossbar's B-side address: {answer}");
+    assert!(!answer.contains("10.0.0.1"), "A's address does not leak to B: {answer}");
+    assert_eq!(h.media, vec![(Side::B, "10.0.0.2:5000".parse().unwrap()), (Side::A, "10.0.0.1:4000".parse().unwrap())]);
+    assert!(h.ended.is_empty(), "the call is up");
+
+    // A 2xx retransmitted after the ACK gets the same ACK again.
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 2);
+    assert_eq!(h.to_b.last().unwrap(), &ack, "the same ACK, answer included");
+
+    let tag = a_tag(&h);
+    h.recv_a(&a_request("BYE", 2, "z9hG4bKbye", Some(&tag), ""));
+    let bye = h.last_b_request("BYE");
+    h.recv_b(&b_response(bye.as_bytes(), 200, "btag", ""));
+    assert_eq!(h.ended[0].disposition, Disposition::Answered);
+    assert!(h.call.is_finished());
+}
+
+#[test]
+fn late_offer_callee_2xx_retransmitted_before_the_callers_ack_is_not_acked() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    let ok = b_response(inv.as_bytes(), 200, "btag", B_SDP);
+    h.recv_b(&ok);
+    h.recv_b(&ok);
+    h.recv_b(&ok);
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 0, "no ACK without the caller's answer: {:?}", h.to_b);
+    assert_eq!(Harness::count(&h.to_a, "SIP/2.0 200"), 1, "retransmissions are not passed to A");
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&a_tag(&h)), A_ANSWER));
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 1);
+}
+
+#[test]
+fn late_offer_callee_2xx_without_sdp_is_488_to_the_caller_and_ack_bye_to_the_callee() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", ""));
+    let refusal = h.to_a.last().unwrap();
+    assert!(refusal.starts_with("SIP/2.0 488"), "{refusal}");
+    assert!(refusal.contains("Warning: 399 192.0.2.1 \"late offer: the callee's 200 OK has no SDP offer\""), "{refusal}");
+    assert_eq!(Harness::count(&h.to_a, "SIP/2.0 200"), 0);
+    let ack_at = h.to_b.iter().position(|m| m.starts_with("ACK")).expect("B's 2xx is ACKed");
+    let bye_at = h.to_b.iter().position(|m| m.starts_with("BYE")).expect("and B is hung up");
+    assert!(ack_at < bye_at, "ACK before BYE: {:?}", h.to_b);
+    assert!(h.to_b[bye_at].contains("Reason: SIP;cause=488;text=\"late offer: the callee's 200 OK has no SDP offer\""), "{}", h.to_b[bye_at]);
+    assert_eq!(h.ended[0].disposition, Disposition::Failed);
+    assert_eq!(h.ended[0].code, 488);
+    let bye = h.to_b[bye_at].clone();
+    h.recv_b(&b_response(bye.as_bytes(), 200, "btag", ""));
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKinv", Some(&a_tag_any(&h)), ""));
+    assert!(h.call.is_finished());
+}
+
+#[test]
+fn late_offer_callee_2xx_with_unusable_sdp_is_488() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    let opus = B_SDP.replace("RTP/AVP 0", "RTP/AVP 111").replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:111 opus/48000/2");
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", &opus));
+    assert!(h.to_a.last().unwrap().starts_with("SIP/2.0 488"), "{:?}", h.to_a);
+    assert!(h.to_a.last().unwrap().contains("not acceptable: incompatible media"), "{:?}", h.to_a);
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 1);
+    assert_eq!(Harness::count(&h.to_b, "BYE"), 1);
+}
+
+#[test]
+fn late_offer_caller_ack_without_sdp_hangs_up_both_legs() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    let tag = a_tag(&h);
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&tag), ""));
+    let ack_at = h.to_b.iter().position(|m| m.starts_with("ACK")).expect("B's 2xx is ACKed");
+    let bye_at = h.to_b.iter().position(|m| m.starts_with("BYE")).expect("B is hung up");
+    assert!(ack_at < bye_at, "ACK before BYE: {:?}", h.to_b);
+    assert!(body(&h.to_b[ack_at]).is_empty(), "no answer to give B");
+    let bye_a = h.to_a.iter().find(|m| m.starts_with("BYE")).expect("A is hung up").clone();
+    assert!(bye_a.contains("Reason: SIP;cause=488;text=\"late offer: the caller's ACK has no SDP answer\""), "{bye_a}");
+    assert_eq!(h.ended.len(), 1);
+    assert_eq!((h.ended[0].disposition, h.ended[0].code), (Disposition::Failed, 200));
+    assert_eq!(h.ended[0].reason, "late offer: the caller's ACK has no SDP answer");
+    // A 2xx retransmitted now gets the ACK again, and nothing else.
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 2);
+    assert_eq!(Harness::count(&h.to_b, "BYE"), 1);
+    let bye_b = h.last_b_request("BYE");
+    h.recv_b(&b_response(bye_b.as_bytes(), 200, "btag", ""));
+    let a_bye_resp = format!(
+        "SIP/2.0 200 OK\r\n{}\r\n{}\r\n{}\r\nCall-ID: call-a\r\n{}\r\nContent-Length: 0\r\n\r\n",
+        bye_a.lines().find(|l| l.starts_with("Via:")).unwrap(),
+        bye_a.lines().find(|l| l.starts_with("From:")).unwrap(),
+        bye_a.lines().find(|l| l.starts_with("To:")).unwrap(),
+        bye_a.lines().find(|l| l.starts_with("CSeq:")).unwrap(),
+    );
+    h.recv_a(&a_bye_resp);
+    assert!(h.call.is_finished());
+}
+
+#[test]
+fn late_offer_caller_ack_with_unusable_answer_hangs_up_both_legs() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    let tag = a_tag(&h);
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&tag), "v=0\r\ns=-\r\n"));
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 1);
+    assert_eq!(Harness::count(&h.to_b, "BYE"), 1);
+    assert_eq!(Harness::count(&h.to_a, "BYE"), 1);
+    assert!(h.ended[0].reason.starts_with("late offer: the caller's SDP answer is not acceptable"), "{:?}", h.ended);
+}
+
+#[test]
+fn late_offer_caller_never_acks_the_callee_is_acked_and_hung_up() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 0);
+    h.advance(Duration::from_secs(40));
+    let ack_at = h.to_b.iter().position(|m| m.starts_with("ACK")).expect("B's 2xx is ACKed when the caller never answers");
+    let bye_at = h.to_b.iter().position(|m| m.starts_with("BYE")).expect("and B is hung up");
+    assert!(ack_at < bye_at);
+    assert!(Harness::count(&h.to_a, "BYE") >= 1);
+    assert_eq!(h.ended.len(), 1);
+}
+
+#[test]
+fn late_offer_early_media_sdp_is_not_passed_to_the_caller() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    h.recv_b(&b_response(inv.as_bytes(), 183, "btag", B_SDP));
+    let early = h.to_a.last().unwrap();
+    assert!(early.starts_with("SIP/2.0 183") && body(early).is_empty() && !early.contains("Content-Type"), "{early}");
+    assert!(h.media.is_empty());
+}
+
+#[test]
+fn late_offer_cancel_before_answer_is_487() {
+    let mut h = Harness::late_offer();
+    let inv = h.last_b_request("INVITE");
+    h.recv_b(&b_response(inv.as_bytes(), 180, "btag", ""));
+    h.recv_a(&a_request("CANCEL", 1, "z9hG4bKinv", None, ""));
+    assert!(h.to_a.iter().any(|m| m.starts_with("SIP/2.0 487")));
+    assert_eq!(Harness::count(&h.to_b, "CANCEL"), 1);
+    // B's 200 crosses the CANCEL: ACKed (no answer to give) and hung up.
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", B_SDP));
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 1);
+    assert_eq!(Harness::count(&h.to_b, "BYE"), 1);
+    assert_eq!(h.ended[0].disposition, Disposition::Cancelled);
+}
+
+/// The To tag A got in any response (a refusal included).
+fn a_tag_any(h: &Harness) -> String {
+    let r = h.to_a.iter().rev().find(|m| m.starts_with("SIP/2.0") && m.contains("CSeq: 1 INVITE") && !m.starts_with("SIP/2.0 100")).expect("A got a final response");
+    let to = r.lines().find(|l| l.starts_with("To:")).unwrap();
+    msg::param(to, "tag").unwrap().to_string()
+}
+
+/// The real bridge behind the adapter trait, driven in the test's thread
+/// (`BridgeSdp` also kicks a media thread, which a unit test has not got).
+struct BridgeAdapter(std::sync::Mutex<crate::media::webrtc::Bridge>);
+
+impl BridgeAdapter {
+    fn new(kinds: [crate::media::webrtc::LegKind; 2]) -> std::sync::Arc<BridgeAdapter> {
+        let s = default_setup();
+        std::sync::Arc::new(BridgeAdapter(std::sync::Mutex::new(crate::media::webrtc::Bridge::new(kinds, [s.media_a, s.media_b]))))
+    }
+}
+
+impl std::fmt::Debug for BridgeAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BridgeAdapter")
+    }
+}
+
+impl SdpAdapter for BridgeAdapter {
+    fn offer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String> {
+        self.0.lock().unwrap().offer(from, sdp, Instant::now())
+    }
+    fn answer(&self, from: Side, sdp: &[u8]) -> Result<Vec<u8>, String> {
+        self.0.lock().unwrap().answer(from, sdp, Instant::now())
+    }
+    fn late_offer(&self, to: Side) -> Result<Vec<u8>, String> {
+        self.0.lock().unwrap().late_offer(to, Instant::now())
+    }
+    fn late_answer(&self, from: Side, sdp: &[u8]) -> Result<(), String> {
+        self.0.lock().unwrap().late_answer(from, sdp)
+    }
+}
+
+/// A carrier's late offer to a browser: crossbar offers DTLS/SAVPF itself, a
+/// str0m peer (the browser) answers in its 200, which is ACKed at once; the
+/// carrier gets a plain offer with the browser's codec and answers in its ACK.
+#[test]
+fn late_offer_to_a_browser_gets_crossbars_own_offer_and_the_browser_is_acked_at_once() {
+    use crate::media::webrtc::LegKind;
+    let inv = incoming(&a_request("INVITE", 1, "z9hG4bKinv", None, ""), a_peer());
+    let adapter = BridgeAdapter::new([LegKind::Plain, LegKind::WebRtc]);
+    let mut h = Harness::with_setup(CallSetup { a_invite: inv.request().unwrap().clone(), sdp_adapter: Some(adapter), ..default_setup() });
+    let inv = h.last_b_request("INVITE");
+    let offer = body(&inv);
+    assert!(offer.contains("UDP/TLS/RTP/SAVPF") && offer.contains("a=group:BUNDLE") && offer.contains("a=rtcp-mux"), "{offer}");
+    assert!(offer.contains("PCMU/8000") && offer.contains("PCMA/8000") && offer.contains("telephone-event/8000"), "{offer}");
+
+    let now = Instant::now();
+    let mut browser = str0m::RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_pcma(true, false).enable_opus(true, false).build(now);
+    browser.add_local_candidate(str0m::Candidate::host("127.0.0.1:50000".parse().unwrap(), "udp").unwrap());
+    let answer = browser.sdp_api().accept_offer(str0m::change::SdpOffer::from_sdp_string(offer).unwrap()).unwrap().to_sdp_string();
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", &answer));
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 1, "the browser answered crossbar's offer: its ACK waits for nothing");
+    assert!(body(&h.last_b_request("ACK")).is_empty());
+    let ok = h.to_a.last().unwrap().clone();
+    let to_carrier = body(&ok);
+    assert!(ok.starts_with("SIP/2.0 200") && to_carrier.contains("c=IN IP4 192.0.2.1") && to_carrier.contains("m=audio 20000 RTP/AVP 8"), "the carrier is offered what the browser chose (PCMA): {ok}");
+    assert!(!to_carrier.contains("PCMU"), "{to_carrier}");
+
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&a_tag(&h)), &A_ANSWER.replace("RTP/AVP 0", "RTP/AVP 8").replace("0 PCMU", "8 PCMA")));
+    assert!(h.ended.is_empty(), "the call is up: {:?}", h.ended);
+    assert_eq!(Harness::count(&h.to_b, "ACK"), 1);
+    assert_eq!(Harness::count(&h.to_b, "BYE") + Harness::count(&h.to_a, "BYE"), 0);
+}
+
+#[test]
+fn late_offer_to_a_browser_with_an_answer_that_changes_codec_hangs_up() {
+    use crate::media::webrtc::LegKind;
+    let inv = incoming(&a_request("INVITE", 1, "z9hG4bKinv", None, ""), a_peer());
+    let adapter = BridgeAdapter::new([LegKind::Plain, LegKind::WebRtc]);
+    let mut h = Harness::with_setup(CallSetup { a_invite: inv.request().unwrap().clone(), sdp_adapter: Some(adapter), ..default_setup() });
+    let inv = h.last_b_request("INVITE");
+    let now = Instant::now();
+    let mut browser = str0m::RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_pcma(true, false).build(now);
+    browser.add_local_candidate(str0m::Candidate::host("127.0.0.1:50000".parse().unwrap(), "udp").unwrap());
+    let answer = browser.sdp_api().accept_offer(str0m::change::SdpOffer::from_sdp_string(body(&inv)).unwrap()).unwrap().to_sdp_string();
+    h.recv_b(&b_response(inv.as_bytes(), 200, "btag", &answer));
+    // The carrier answers PCMU to a PCMA offer: no transcoding, so no call.
+    h.recv_a(&a_request("ACK", 1, "z9hG4bKack", Some(&a_tag(&h)), A_ANSWER));
+    assert_eq!(Harness::count(&h.to_a, "BYE"), 1);
+    assert_eq!(Harness::count(&h.to_b, "BYE"), 1);
+    assert!(h.ended[0].reason.contains("drops the offered codec"), "{:?}", h.ended);
+}
+
+#[test]
+fn late_offer_from_a_browser_is_refused_with_488() {
+    use crate::media::webrtc::LegKind;
+    let inv = incoming(&a_request("INVITE", 1, "z9hG4bKinv", None, ""), a_peer());
+    let setup = CallSetup { a_invite: inv.request().unwrap().clone(), sdp_adapter: Some(BridgeAdapter::new([LegKind::WebRtc, LegKind::Plain])), ..default_setup() };
+    let err = B2bua::new(&setup, Instant::now()).err().unwrap();
+    assert_eq!(err.code, 488);
+    assert!(err.reason.contains("late offer") && err.reason.contains("WebRTC leg must send its SDP offer"), "{}", err.reason);
 }
