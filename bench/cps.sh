@@ -6,8 +6,10 @@
 #
 # usage: bench/cps.sh [RATES...]        (default: 1000 2000 4000 5000 6000 8000 10000 12000)
 # env:   STEP_S (seconds per rate, default 10), CROSSBAR_BIN (skip the build),
-#        ONLY=direct|crossbar (run one side only)
+#        ONLY=direct|crossbar (run one side only), PIN=1 (crossbar on CPU 1, SIPp on CPU 0;
+#        off by default here: the baseline is SIPp direct using the whole machine)
 set -euo pipefail
+PIN=${PIN:-0}
 source "$(dirname "$0")/common.sh"
 
 RATES=("$@"); [[ ${#RATES[@]} -gt 0 ]] || RATES=(1000 2000 4000 5000 6000 8000 10000 12000)
@@ -21,12 +23,12 @@ run_step() {
     local name=$1 target=$2 uas_port=$3 rate=$4
     local calls=$(( rate * STEP_S )) dir="$WORK/$name-$rate"
     mkdir -p "$dir"
-    "$SIPP" -sn uas -i 127.0.0.1 -p "$uas_port" "${BUF[@]}" -timeout $(( STEP_S + 40 ))s \
+    "${PIN_GEN[@]}" "$SIPP" -sn uas -i 127.0.0.1 -p "$uas_port" "${BUF[@]}" -timeout $(( STEP_S + 40 ))s \
         -trace_err -error_file "$dir/uas_errors.log" > "$dir/uas.out" 2>&1 &
     local uas=$!; CHILDREN+=("$uas")
     sleep 0.5
     local rc=0
-    "$SIPP" -sn uac "$target" -i 127.0.0.2 -p "$(free_port 127.0.0.2)" -s 15550001000 "${BUF[@]}" \
+    "${PIN_GEN[@]}" "$SIPP" -sn uac "$target" -i 127.0.0.2 -p "$(free_port 127.0.0.2)" -s 15550001000 "${BUF[@]}" \
         -r "$rate" -m "$calls" -l $(( rate * 3 )) -d 0 -recv_timeout 5000 \
         -timeout $(( STEP_S + 30 ))s -timeout_error -trace_stat -fd 1 -stf "$dir/uac_stat.csv" \
         -trace_err -error_file "$dir/uac_errors.log" > "$dir/uac.out" 2>&1 || rc=$?

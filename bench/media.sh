@@ -9,8 +9,10 @@
 #
 # usage: bench/media.sh [N]     (default 500)
 # env:   RATE (call arrival cps, default 100), HOLD_S (window, default 25),
-#        CROSSBAR_BIN (skip the build), ONLY=direct|crossbar, SKIP_FLOOR=1 (no kernel floor)
+#        CROSSBAR_BIN (skip the build), ONLY=direct|crossbar, SKIP_FLOOR=1 (no kernel floor),
+#        PIN=0 (by default crossbar and the floor run on CPU 1, SIPp on CPU 0: bench/common.sh)
 set -euo pipefail
+PIN=${PIN:-1}
 source "$(dirname "$0")/common.sh"
 
 N=${1:-500}
@@ -32,14 +34,14 @@ measure() {
     local name=$1 target=$2 uas_port=$3 cb=${4:-} dir="$WORK/$1"
     local echo_port; echo_port=$(free_port 127.0.0.1)
     mkdir -p "$dir"
-    "$SIPP" -sf "$ROOT/tests/sipp/uas_echo_bench.xml" -i 127.0.0.1 -p "$uas_port" \
+    "${PIN_GEN[@]}" "$SIPP" -sf "$ROOT/tests/sipp/uas_echo_bench.xml" -i 127.0.0.1 -p "$uas_port" \
         -mi 127.0.0.1 -mp "$echo_port" -rtp_echo "${BUF[@]}" "${RTPBUF[@]}" \
         -timeout $(( RAMP_S + LOOPS * 8 + 60 ))s -trace_err -error_file "$dir/uas_errors.log" > "$dir/uas.out" 2>&1 &
     local uas=$!; CHILDREN+=("$uas")
     sleep 0.5
     local rss0=0; [[ -n $cb ]] && rss0=$(rss_kb "$cb")
     local drops0; drops0=$(udp_rcvbuf_errors)
-    "$SIPP" -sf "$WORK/uac_media_stream.xml" "$target" -i 127.0.0.2 -p "$(free_port 127.0.0.2)" \
+    "${PIN_GEN[@]}" "$SIPP" -sf "$WORK/uac_media_stream.xml" "$target" -i 127.0.0.2 -p "$(free_port 127.0.0.2)" \
         -mi 127.0.0.2 -mp "$(free_port 127.0.0.2)" -s 15550001000 \
         -key from_user 15551230000 -key from_domain 127.0.0.2 -key ruri_host 127.0.0.1 \
         "${BUF[@]}" "${RTPBUF[@]}" -r "$RATE" -m "$N" -l "$N" -recv_timeout 10000 \
@@ -76,7 +78,7 @@ measure() {
 if [[ -z "${SKIP_FLOOR:-}" ]]; then
     TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
     (cd "$ROOT" && cargo build --release --quiet --example udp_floor) || { echo "bench: building udp_floor failed" >&2; exit 1; }
-    FLOOR=$("$TARGET/release/examples/udp_floor" "$N" | grep '^RESULT')
+    FLOOR=$("${PIN_CB[@]}" "$TARGET/release/examples/udp_floor" "$N" | grep '^RESULT')
     echo "$FLOOR" | tr ' ' '\n' | awk -F= '{v[$1]=$2} END {printf "== kernel floor (examples/udp_floor, %s): recvfrom %.2f us + sendto %.2f us per packet = %.4f%% of one core per call at 100 packets/s\n", "'"$N"' calls", v["recv_us"], v["send_us"], v["pct_per_call"]}'
 fi
 

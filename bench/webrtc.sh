@@ -9,8 +9,10 @@
 #
 # usage: bench/webrtc.sh [N]      (default 300)
 # env:   HOLD_S (call length, default 40), WINDOW_S (CPU window, default 15),
-#        RATE (calls per second, default 50), SKIP_PLAIN=1 (no baseline)
+#        RATE (calls per second, default 50), SKIP_PLAIN=1 (no baseline),
+#        PIN=0 (by default crossbar runs on CPU 1, the load client and SIPp on CPU 0: bench/common.sh)
 set -euo pipefail
+PIN=${PIN:-1}
 source "$(dirname "$0")/common.sh"
 
 N=${1:-300}
@@ -41,14 +43,14 @@ TOML
 start_crossbar "$BIN" "$WORK/node"; CHILDREN+=("$CB_PID")
 
 ECHO_PORT=$(free_port 127.0.0.2)
-"$SIPP" -sf "$ROOT/tests/sipp/uas_echo_bench.xml" -i 127.0.0.2 -p "$TRUNK" \
-    -mi 127.0.0.2 -mp "$ECHO_PORT" -rtp_echo -buff_size 4194304 \
+"${PIN_GEN[@]}" "$SIPP" -sf "$ROOT/tests/sipp/uas_echo_bench.xml" -i 127.0.0.2 -p "$TRUNK" \
+    -mi 127.0.0.2 -mp "$ECHO_PORT" -rtp_echo -buff_size 4194304 -rtp_buffsize 4194304 \
     -timeout $(( N / RATE + HOLD_S + 60 ))s -trace_err -error_file "$WORK/uas_errors.log" > "$WORK/uas.out" 2>&1 &
 UAS=$!; CHILDREN+=("$UAS")
 sleep 0.5
 
 echo "== str0m browsers -> SIP/WS -> crossbar (WebRTC<->RTP bridge) -> SIPp carrier (RTP echo)"
-"$LOAD" "127.0.0.1:$HTTP" "$CB_PID" "$N" "$HOLD_S" "$RATE" "$WINDOW_S" 2> "$WORK/load.err" | tee "$WORK/load.out"
+"${PIN_GEN[@]}" "$LOAD" "127.0.0.1:$HTTP" "$CB_PID" "$N" "$HOLD_S" "$RATE" "$WINDOW_S" 2> "$WORK/load.err" | tee "$WORK/load.out"
 # SIPp's echo socket (one for all calls) overflows when SIPp is descheduled: its loss.
 SIPP_DROPS=$(socket_drops 127.0.0.2 "$ECHO_PORT")
 kill "$UAS" 2>/dev/null || true
