@@ -265,6 +265,9 @@ struct WebRtcLeg {
     offer_in: Option<String>,
     last_answer: Option<Vec<u8>>,
     seq: SeqExtender,
+    /// The codecs str0m's session was built with (it is never rebuilt: a re-offer
+    /// must keep one of its voice codecs).
+    codecs: Vec<AudioCodec>,
     connected: bool,
     /// When str0m next wants `Input::Timeout` (valid while `!dirty`).
     timeout: Option<Instant>,
@@ -274,7 +277,7 @@ struct WebRtcLeg {
 
 impl WebRtcLeg {
     fn new(candidate: SocketAddr) -> WebRtcLeg {
-        WebRtcLeg { rtc: None, candidate, mid: None, tx_ssrc: None, pending: None, offer_in: None, last_answer: None, seq: SeqExtender::default(), connected: false, timeout: None, dirty: false }
+        WebRtcLeg { rtc: None, candidate, mid: None, tx_ssrc: None, pending: None, offer_in: None, last_answer: None, seq: SeqExtender::default(), codecs: Vec::new(), connected: false, timeout: None, dirty: false }
     }
 
     /// Hands one RTP packet from the other party to str0m (which adds SRTP).
@@ -441,6 +444,15 @@ impl Bridge {
     pub fn offer(&mut self, from: Side, sdp: &[u8], now: Instant) -> Result<Vec<u8>, String> {
         let text = std::str::from_utf8(sdp).map_err(|_| "SDP is not UTF-8".to_string())?;
         let desc = parse_audio(text)?;
+        // Checked before anything changes: a refused re-offer leaves the call as it was.
+        if let Leg::WebRtc(w) = &self.legs[idx(from.other())] {
+            if w.rtc.is_some() && !shares_voice_codec(&desc.codecs, &w.codecs) {
+                return Err(format!(
+                    "the offer keeps none of the browser leg's codecs ({}): changing a browser leg's codec would need transcoding, which crossbar does not do",
+                    codec_names(&w.codecs)
+                ));
+            }
+        }
         match &mut self.legs[idx(from)] {
             Leg::Plain(p) => p.set_remote(desc.addr),
             Leg::WebRtc(w) => {
@@ -453,6 +465,7 @@ impl Bridge {
             Leg::WebRtc(w) => {
                 if w.rtc.is_none() {
                     w.rtc = Some(Self::build_rtc(w.candidate, &desc.codecs, now)?);
+                    w.codecs = desc.codecs.clone();
                 }
                 w.touched();
                 let rtc = w.rtc.as_mut().expect("built above");
@@ -490,6 +503,7 @@ impl Bridge {
             return Err("the browser leg already has a session".into());
         }
         w.rtc = Some(Self::build_rtc(w.candidate, &LATE_OFFER_CODECS, now)?);
+        w.codecs = LATE_OFFER_CODECS.to_vec();
         w.touched();
         let rtc = w.rtc.as_mut().expect("built above");
         let mut api = rtc.sdp_api();
@@ -543,6 +557,7 @@ impl Bridge {
                 };
                 if w.rtc.is_none() {
                     w.rtc = Some(Self::build_rtc(w.candidate, &chosen, now)?);
+                    w.codecs = chosen.clone();
                 }
                 w.touched();
                 let rtc = w.rtc.as_mut().expect("built above");
@@ -683,6 +698,16 @@ impl Bridge {
     pub fn stats(&self) -> RelayStats {
         RelayStats { a_to_b_rtp: self.stats[0], b_to_a_rtp: self.stats[1], ..Default::default() }
     }
+}
+
+/// Whether `offered` keeps one of `session`'s voice codecs (format and payload type).
+fn shares_voice_codec(offered: &[AudioCodec], session: &[AudioCodec]) -> bool {
+    offered.iter().any(|c| c.format != AudioFormat::TelephoneEvent && session.contains(c))
+}
+
+fn codec_names(codecs: &[AudioCodec]) -> String {
+    let names: Vec<String> = codecs.iter().filter(|c| c.format != AudioFormat::TelephoneEvent).map(|c| format!("{:?}/{}", c.format, c.pt)).collect();
+    names.join(", ")
 }
 
 /// str0m's configuration for a browser leg: what a G.711 relay needs and no more.

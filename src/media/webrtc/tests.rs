@@ -379,6 +379,43 @@ fn carrier_refresh_reoffers_the_current_session_to_the_browser() {
     assert_eq!(plain_out.iter().filter(|(d, p)| *d == carrier && parse_rtp(p).is_some()).count(), 10, "browser → carrier after the refreshes");
 }
 
+/// A carrier re-INVITE that switches to a codec the browser leg's session was not
+/// built with is refused (488 upstream) before anything changes: no transcoding,
+/// and no answer naming a codec the carrier did not offer. The call goes on.
+#[test]
+fn carrier_reoffer_with_another_codec_is_refused_and_media_goes_on() {
+    let mut now = Instant::now();
+    let mut bridge = Bridge::new([LegKind::Plain, LegKind::WebRtc], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    let carrier: SocketAddr = CARRIER.parse().unwrap();
+    // PCMU only at first.
+    let pcmu = carrier_offer().replace("RTP/AVP 0 8 101", "RTP/AVP 0 101");
+    let offer = String::from_utf8(bridge.offer(Side::A, pcmu.as_bytes(), now).unwrap()).unwrap();
+    let mut browser = Browser::new("127.0.0.1:50000".parse().unwrap(), now);
+    let answer = browser.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&offer).unwrap()).unwrap().to_sdp_string();
+    bridge.answer(Side::B, answer.as_bytes(), now).unwrap();
+    connect(&mut bridge, &mut [None, Some(&mut browser)], &mut now);
+
+    // PCMA only, from another port: refused, and the old address is kept.
+    let pcma = carrier_offer().replace("RTP/AVP 0 8 101", "RTP/AVP 8 101").replace("m=audio 40000", "m=audio 40100");
+    let e = bridge.offer(Side::A, pcma.as_bytes(), now).unwrap_err();
+    assert!(e.contains("transcoding") && e.contains("Pcmu/0"), "{e}");
+
+    let mut plain_out = Vec::new();
+    let mid = answer_mid(&offer);
+    for seq in 0..5u16 {
+        now += Duration::from_millis(20);
+        send_from_browser(&mut browser, mid, 900 + seq as u64, now);
+        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
+    }
+    let to_carrier: Vec<_> = plain_out.iter().filter(|(_, p)| parse_rtp(p).is_some()).collect();
+    assert_eq!(to_carrier.len(), 5, "browser → carrier after the refused re-offer");
+    assert!(to_carrier.iter().all(|(d, _)| *d == carrier), "still to the carrier's first address");
+
+    // A re-offer keeping PCMU (and adding PCMA) is fine.
+    let both = carrier_offer();
+    assert!(bridge.offer(Side::A, both.as_bytes(), now).is_ok());
+}
+
 /// A browser re-INVITE repeating its offer: the carrier gets the same offer
 /// again (same `o=` version), and the browser the same answer.
 #[test]
