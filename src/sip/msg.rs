@@ -181,32 +181,42 @@ pub fn headers_of(msg: &SipMessage) -> &Headers {
 /// (the RFC 4475 §3.1.2 cases): the request line's shape and version, and a
 /// Content-Length that does not fit the datagram.
 fn check_framing(bytes: &[u8], proto: super::msg::Proto) -> Result<(), MessageError> {
-    let line_end = bytes.iter().position(|b| *b == b'\r' || *b == b'\n').unwrap_or(bytes.len());
+    let line_end = memchr::memchr2(b'\r', b'\n', bytes).unwrap_or(bytes.len());
     let line = std::str::from_utf8(&bytes[..line_end]).map_err(|_| MessageError::RequestLine("not UTF-8"))?;
     if !line.starts_with("SIP/") {
-        let parts: Vec<&str> = line.split(' ').collect();
-        if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+        let mut parts = line.split(' ');
+        let (Some(method), Some(uri), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(MessageError::RequestLine("expected `METHOD SP Request-URI SP SIP/2.0` with single spaces"));
+        };
+        if method.is_empty() || uri.is_empty() || version.is_empty() {
             return Err(MessageError::RequestLine("expected `METHOD SP Request-URI SP SIP/2.0` with single spaces"));
         }
-        if !parts[0].bytes().all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)) {
+        if !method.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)) {
             return Err(MessageError::RequestLine("the method is not a token"));
         }
-        let uri = parts[1];
         if uri.contains(['<', '>', '"']) {
             return Err(MessageError::RequestLine("the Request-URI must not be enclosed in <> or contain quotes"));
         }
         if (uri.starts_with("sip:") || uri.starts_with("sips:")) && uri.contains('?') {
             return Err(MessageError::RequestLine("a SIP Request-URI must not carry headers (?...)"));
         }
-        if !parts[2].eq_ignore_ascii_case("SIP/2.0") {
-            return Err(MessageError::Version(parts[2].to_string()));
+        if !version.eq_ignore_ascii_case("SIP/2.0") {
+            return Err(MessageError::Version(version.to_string()));
         }
     }
-    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-    if let Some(body_start) = head_end {
-        // Byte-wise over the header lines: this runs on every message, so no copy of the head.
-        for line in bytes[..body_start].split(|b| *b == b'\n') {
-            let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+    if let Some(body_start) = memchr::memmem::find(bytes, b"\r\n\r\n").map(|p| p + 4) {
+        // Over the header lines without copying the head: this runs on every message.
+        let head = &bytes[..body_start];
+        let mut start = 0;
+        while start < head.len() {
+            let end = memchr::memchr(b'\n', &head[start..]).map_or(head.len(), |i| start + i);
+            let line = &head[start..end];
+            start = end + 1;
+            // Only a line whose name (trimmed) starts with c or l can be Content-Length.
+            if !matches!(line.trim_ascii_start().first(), Some(b'c' | b'C' | b'l' | b'L')) {
+                continue;
+            }
+            let Some(colon) = memchr::memchr(b':', line) else { continue };
             let name = line[..colon].trim_ascii();
             if !(name.eq_ignore_ascii_case(b"content-length") || name == b"l") {
                 continue;
