@@ -534,7 +534,7 @@ pub(crate) async fn run_conformance(store: Arc<dyn Store>) -> usize {
         BatchOp::Event(acme.clone(), b"e3".to_vec()),
         BatchOp::Delete(gone.clone()),
         BatchOp::Put(k1.clone(), b"one-v2".to_vec()),
-    ], true)
+    ].into(), true)
     .await
     .unwrap();
     check!(s.get(&k1).await.unwrap().as_deref() == Some(&b"one-v2"[..]), "batch ops apply in order");
@@ -545,9 +545,9 @@ pub(crate) async fn run_conformance(store: Arc<dyn Store>) -> usize {
         ev.iter().map(|(n, v)| (*n, v.clone())).collect::<Vec<_>>() == vec![(2, b"e2".to_vec()), (3, b"e3".to_vec())],
         "batch events continue the stream in order: {ev:?}"
     );
-    s.write_batch(Vec::new(), true).await.unwrap();
+    s.write_batch(Vec::new().into(), true).await.unwrap();
     let k3 = StoreKey::new(&acme, RecordKind::Cdr, "b3").unwrap();
-    s.write_batch(vec![BatchOp::Put(k3.clone(), b"lazy".to_vec())], false).await.unwrap();
+    s.write_batch(vec![BatchOp::Put(k3.clone(), b"lazy".to_vec())].into(), false).await.unwrap();
     check!(s.get(&k3).await.unwrap().as_deref() == Some(&b"lazy"[..]), "an unsynced batch is visible at once");
 
     checks

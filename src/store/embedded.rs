@@ -150,7 +150,7 @@ impl Store for EmbeddedStore {
         "embedded"
     }
 
-    async fn write_batch(&self, ops: Vec<BatchOp>, sync: bool) -> Result<(), StoreError> {
+    async fn write_batch(&self, ops: Arc<[BatchOp]>, sync: bool) -> Result<(), StoreError> {
         // An empty synced batch still commits: it makes earlier unsynced commits durable.
         if ops.is_empty() && !sync {
             return Ok(());
@@ -165,13 +165,19 @@ impl Store for EmbeddedStore {
                 let mut events = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("write_batch", e))?;
                 // Sequence numbers: one lookup per tenant and batch, not per event.
                 let mut next_seq: HashMap<&str, u64> = HashMap::new();
+                // One buffer for every record key of the batch.
+                let mut key = String::new();
                 for op in latest_record_ops(&ops) {
                     match op {
                         BatchOp::Put(k, v) => {
-                            records.insert(k.to_string().as_str(), v.as_slice()).map_err(e)?;
+                            key.clear();
+                            k.render_into(&mut key);
+                            records.insert(key.as_str(), v.as_slice()).map_err(e)?;
                         }
                         BatchOp::Delete(k) => {
-                            records.remove(k.to_string().as_str()).map_err(e)?;
+                            key.clear();
+                            k.render_into(&mut key);
+                            records.remove(key.as_str()).map_err(e)?;
                         }
                         BatchOp::Event(t, v) => {
                             let t = t.as_str();

@@ -13,6 +13,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -357,6 +358,16 @@ impl StoreKey {
         &self.id
     }
 
+    /// Appends `"{tenant}/{kind}/{id}"` (the backend key) to `out`, so a batch renders
+    /// its keys into one buffer instead of a `String` each.
+    pub fn render_into(&self, out: &mut String) {
+        out.push_str(self.tenant.as_str());
+        out.push('/');
+        out.push_str(self.kind.as_str());
+        out.push('/');
+        out.push_str(&self.id);
+    }
+
     /// `"{tenant}/{kind}/"`: the prefix shared by every record of one kind of one tenant.
     pub fn kind_prefix(tenant: &TenantId, kind: RecordKind) -> String {
         format!("{}/{}/", tenant.as_str(), kind.as_str())
@@ -432,17 +443,18 @@ pub trait Store: Send + Sync + 'static {
     /// backend). With `sync`, durable when it returns, like `put`; without, the
     /// data reaches the operating system (it survives the process being killed)
     /// and the disk at the next synced commit. Backends without a cheaper way
-    /// apply the ops one by one, in order.
-    async fn write_batch(&self, ops: Vec<BatchOp>, sync: bool) -> Result<(), StoreError> {
+    /// apply the ops one by one, in order. Shared, so a retry of the same batch
+    /// costs no copy of it.
+    async fn write_batch(&self, ops: Arc<[BatchOp]>, sync: bool) -> Result<(), StoreError> {
         let _ = sync;
-        for op in ops {
+        for op in ops.iter() {
             match op {
-                BatchOp::Put(k, v) => self.put(&k, v).await?,
+                BatchOp::Put(k, v) => self.put(k, v.clone()).await?,
                 BatchOp::Delete(k) => {
-                    self.delete(&k).await?;
+                    self.delete(k).await?;
                 }
                 BatchOp::Event(t, v) => {
-                    self.append_event(&t, v).await?;
+                    self.append_event(t, v.clone()).await?;
                 }
             }
         }

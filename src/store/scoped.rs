@@ -452,7 +452,7 @@ impl ScopedStore {
                 return Err(StoreError::CrossTenant { scope: self.scope.tenant.clone(), other: t.clone() });
             }
         }
-        self.vault.inner.store.write_batch(ops, true).await
+        self.vault.inner.store.write_batch(ops.into(), true).await
     }
 
     /// A delete for [`Store::write_batch`].

@@ -74,7 +74,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Vec<BatchOp
             },
             _ = tick.tick() => {
                 if dirty {
-                    match store.write_batch(Vec::new(), true).await {
+                    match store.write_batch(Arc::new([]), true).await {
                         Ok(()) => dirty = false,
                         Err(e) => tracing::warn!("periodic sync of records failed: {e}"),
                     }
@@ -97,7 +97,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Vec<BatchOp
         let sync = !acks.is_empty();
         let n = ops.len();
         last_commit = Some(Instant::now());
-        let result = write_with_retry(&*store, ops, sync).await;
+        let result = write_with_retry(&*store, ops.into(), sync).await;
         dirty = !sync || (dirty && result.is_err());
         if let Err(e) = &result {
             tracing::error!("cannot write {n} records: {e}");
@@ -122,11 +122,11 @@ fn gather(rx: &mut mpsc::UnboundedReceiver<(Vec<BatchOp>, Option<Ack>)>, ops: &m
     }
 }
 
-async fn write_with_retry(store: &dyn Store, ops: Vec<BatchOp>, sync: bool) -> Result<(), StoreError> {
+async fn write_with_retry(store: &dyn Store, ops: Arc<[BatchOp]>, sync: bool) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(20);
     let mut attempt = 1;
     loop {
-        match store.write_batch(ops.clone(), sync).await {
+        match store.write_batch(Arc::clone(&ops), sync).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 5 => {
                 tracing::warn!("record batch failed (attempt {attempt}): {e}; retrying");
