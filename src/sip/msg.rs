@@ -110,16 +110,41 @@ impl Incoming {
 
     pub fn validate(msg: SipMessage, peer: Peer) -> Result<Incoming, MessageError> {
         let headers = headers_of(&msg);
-        let call_id = header(headers, "Call-ID").map(str::trim).filter(|v| !v.is_empty()).ok_or(MessageError::Header("Call-ID"))?;
-        let (cseq, cseq_method) = header(headers, "CSeq").and_then(parse_cseq).ok_or(MessageError::Header("CSeq"))?;
-        let from = header(headers, "From").filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::From::parse(v).ok()).ok_or(MessageError::Header("From"))?;
-        let to = header(headers, "To").filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::To::parse(v).ok()).ok_or(MessageError::Header("To"))?;
-        for c in header_values(headers, "Contact") {
-            if c != "*" && !name_addr_ok(c) {
-                return Err(MessageError::Header("Contact"));
-            }
+        // One pass over the headers (the first of each, every Contact), not a scan per
+        // header: this runs on every message. Checked below in the same order as ever,
+        // so a message with several problems is refused for the same one.
+        let (mut call_id, mut cseq, mut from, mut to, mut via, mut max_forwards) = (None, None, None, None, None, None);
+        let mut contacts_ok = true;
+        for h in headers.iter() {
+            let name = h.name();
+            let first = if name.eq_ignore_ascii_case("Via") {
+                &mut via
+            } else if name.eq_ignore_ascii_case("From") {
+                &mut from
+            } else if name.eq_ignore_ascii_case("To") {
+                &mut to
+            } else if name.eq_ignore_ascii_case("Call-ID") {
+                &mut call_id
+            } else if name.eq_ignore_ascii_case("CSeq") {
+                &mut cseq
+            } else if name.eq_ignore_ascii_case("Max-Forwards") {
+                &mut max_forwards
+            } else {
+                if name.eq_ignore_ascii_case("Contact") {
+                    contacts_ok &= list_items(h.value()).all(|c| c == "*" || name_addr_ok(c));
+                }
+                continue;
+            };
+            first.get_or_insert(h.value());
         }
-        let via = header(headers, "Via").ok_or(MessageError::Header("Via"))?;
+        let call_id = call_id.map(str::trim).filter(|v| !v.is_empty()).ok_or(MessageError::Header("Call-ID"))?;
+        let (cseq, cseq_method) = cseq.and_then(parse_cseq).ok_or(MessageError::Header("CSeq"))?;
+        let from = from.filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::From::parse(v).ok()).ok_or(MessageError::Header("From"))?;
+        let to = to.filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::To::parse(v).ok()).ok_or(MessageError::Header("To"))?;
+        if !contacts_ok {
+            return Err(MessageError::Header("Contact"));
+        }
+        let via = via.ok_or(MessageError::Header("Via"))?;
         if rsipstack::sip::typed::Via::parse(first_of_list(via)).is_err() {
             return Err(MessageError::Header("Via"));
         }
@@ -127,7 +152,7 @@ impl Incoming {
             if req.method != cseq_method && !(req.method == Method::Ack && cseq_method == Method::Invite) && req.method != Method::Cancel {
                 return Err(MessageError::Header("CSeq"));
             }
-            if let Some(mf) = header(headers, "Max-Forwards") {
+            if let Some(mf) = max_forwards {
                 match mf.trim().parse::<u32>() {
                     Ok(0) if req.method != Method::Options => return Err(MessageError::TooManyHops),
                     Ok(_) => {}
