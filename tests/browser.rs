@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{free_media_port, free_port, test_data, Crossbar, NodeConfig, Sipp, TempDir, ACME_DID, CARRIER, LOCALHOST};
+use common::{free_media_port, free_port, test_data, Crossbar, NodeConfig, Sipp, SippOutcome, TempDir, ACME_DID, CARRIER, LOCALHOST};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -122,32 +122,45 @@ fn args(cb: &Crossbar, extra: serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// 1 + 5: carrier → DID → alice's browser; answer; media both ways; the carrier hangs up.
-#[test]
-fn browser_answers_a_carrier_call_with_media_both_ways() {
+/// A SIPp carrier (`scenario`, with `extra` arguments) calls acme's DID; alice's page
+/// registers, rings, answers and sees media both ways; the carrier hangs up after 9 s.
+/// Returns SIPp's outcome (checked for success) once the page saw the call end.
+fn carrier_calls_alice(name: &str, scenario: &str, extra: &[&str]) -> (Crossbar, SippOutcome) {
     let cb = Crossbar::start(NodeConfig::new());
-    let dir = TempDir::new("browser-in");
+    let dir = TempDir::new(name);
     let mut page = Script::start("incoming_from_carrier.mjs", args(&cb, serde_json::json!({"callerId": "15559990000", "did": ACME_DID})));
     page.wait_step("registered", Duration::from_secs(40), &cb);
-    let sipp = Sipp::new("uac_call.xml", CARRIER, free_port(CARRIER))
+    let mut sipp = Sipp::new(scenario, CARRIER, free_port(CARRIER))
         .remote(cb.sipp_target())
         .caller("15559990000", "carrier.example", "127.0.0.1", ACME_DID)
-        .media(CARRIER, free_media_port(CARRIER))
-        .arg("-d")
-        .arg(9000)
-        .timeout(Duration::from_secs(60))
-        .spawn(&dir);
+        .media(CARRIER, free_media_port(CARRIER));
+    for a in extra.iter().chain(&["-d", "9000"]) {
+        sipp = sipp.arg(a);
+    }
+    let sipp = sipp.timeout(Duration::from_secs(60)).spawn(&dir);
     page.wait_step("ringing", Duration::from_secs(20), &cb);
     page.wait_step("media", Duration::from_secs(30), &cb);
     let out = sipp.wait();
-    assert!(out.success(), "carrier SIPp\n{}\n{}", out.report(), cb.report());
+    assert!(out.success(), "carrier SIPp ({scenario})\n{}\n{}", out.report(), cb.report());
     page.wait_step("ended", Duration::from_secs(20), &cb);
     page.wait_success(Duration::from_secs(20), &cb);
+    (cb, out)
+}
+
+/// The call's `call ended` line: answered, with more than 50 RTP packets each way.
+fn assert_answered_with_media(cb: &Crossbar) {
     let calls = cb.wait_calls_ended(1, Duration::from_secs(10));
     let c = calls.last().unwrap_or_else(|| panic!("no call ended\n{}", cb.report()));
     assert_eq!(c.get("disposition"), Some("answered"), "{}", c.line);
     assert!(c.num("a_to_b_packets") > 50, "carrier → browser RTP: {}", c.line);
     assert!(c.num("b_to_a_packets") > 50, "browser → carrier RTP (SIPp received it): {}", c.line);
+}
+
+/// 1 + 5: carrier → DID → alice's browser; answer; media both ways; the carrier hangs up.
+#[test]
+fn browser_answers_a_carrier_call_with_media_both_ways() {
+    let (cb, _) = carrier_calls_alice("browser-in", "uac_call.xml", &[]);
+    assert_answered_with_media(&cb);
     for shot in ["softphone-idle", "softphone-ringing", "softphone-in-call", "softphone-in-call-phone"] {
         assert!(screenshots().join(format!("{shot}.png")).exists(), "screenshot {shot} saved");
     }
@@ -159,32 +172,10 @@ fn browser_answers_a_carrier_call_with_media_both_ways() {
 /// carrier echoes the browser's RTP back.
 #[test]
 fn browser_answers_a_carrier_late_offer_with_media_both_ways() {
-    let cb = Crossbar::start(NodeConfig::new());
-    let dir = TempDir::new("browser-late");
-    let mut page = Script::start("incoming_from_carrier.mjs", args(&cb, serde_json::json!({"callerId": "15559990000", "did": ACME_DID})));
-    page.wait_step("registered", Duration::from_secs(40), &cb);
-    let sipp = Sipp::new("uac_late_offer_echo.xml", CARRIER, free_port(CARRIER))
-        .remote(cb.sipp_target())
-        .caller("15559990000", "carrier.example", "127.0.0.1", ACME_DID)
-        .media(CARRIER, free_media_port(CARRIER))
-        .arg("-rtp_echo")
-        .arg("-d")
-        .arg(9000)
-        .timeout(Duration::from_secs(60))
-        .spawn(&dir);
-    page.wait_step("ringing", Duration::from_secs(20), &cb);
-    page.wait_step("media", Duration::from_secs(30), &cb);
-    let out = sipp.wait();
-    assert!(out.success(), "carrier SIPp (no SDP offer in the 200?)\n{}\n{}", out.report(), cb.report());
+    let (cb, out) = carrier_calls_alice("browser-late", "uac_late_offer_echo.xml", &["-rtp_echo"]);
     let offer = out.log.lines().find_map(|l| l.split("OFFER in 200 sdp=").nth(1)).unwrap_or_default().to_string();
     assert!(offer.starts_with("127.0.0.1:") && (offer.ends_with("pt=0") || offer.ends_with("pt=8")), "the carrier's offer is crossbar's plain G.711: {offer:?}\n{}", out.report());
-    page.wait_step("ended", Duration::from_secs(20), &cb);
-    page.wait_success(Duration::from_secs(20), &cb);
-    let calls = cb.wait_calls_ended(1, Duration::from_secs(10));
-    let c = calls.last().unwrap_or_else(|| panic!("no call ended\n{}", cb.report()));
-    assert_eq!(c.get("disposition"), Some("answered"), "{}", c.line);
-    assert!(c.num("b_to_a_packets") > 50, "browser → carrier RTP: {}", c.line);
-    assert!(c.num("a_to_b_packets") > 50, "carrier → browser RTP (the carrier's echo): {}", c.line);
+    assert_answered_with_media(&cb);
 }
 
 /// 2: alice dials an external number; the carrier answers (RTP echo); alice hangs up.
