@@ -199,6 +199,9 @@ pub(crate) struct Relayer {
     cache: [CachedSlot; 4],
     /// What each socket is `connect`ed to (see [`Relayer::on_packet`]).
     connected: [Option<SocketAddr>; 4],
+    /// The destination a `connect` was last tried for: tried once per destination, so a
+    /// refused connect never costs a system call per packet.
+    connect_tried: [Option<SocketAddr>; 4],
     counts: [LocalCount; 4],
     /// Recordings in progress, by side: owned here so capturing takes no lock.
     rec: [Option<RecArm>; 2],
@@ -213,6 +216,7 @@ impl Relayer {
             generation: STALE,
             cache: Default::default(),
             connected: [None; 4],
+            connect_tried: [None; 4],
             counts: [LocalCount::default(); 4],
             rec: [None, None],
         }
@@ -241,6 +245,9 @@ impl Relayer {
                 disconnect(inner.sock(i));
                 self.connected[i] = None;
             }
+            if !c.latched || c.dest != self.connect_tried[i] {
+                self.connect_tried[i] = None;
+            }
         }
     }
 
@@ -251,6 +258,7 @@ impl Relayer {
                 disconnect(inner.sock(i));
             }
         }
+        self.connect_tried = [None; 4];
     }
 
     /// Latches slot `idx` to `src` and reloads the slots at once. The generation is left
@@ -326,8 +334,11 @@ impl Relayer {
         // then skips the route lookup on every send (about a tenth of a send's cost) and
         // drops datagrams from anyone else on that port, as a latched relay should.
         let sock = inner.sock(out);
-        if self.cache[out].latched && self.connected[out] != Some(dest) && sock.connect(dest).is_ok() {
-            self.connected[out] = Some(dest);
+        if self.cache[out].latched && self.connect_tried[out] != Some(dest) {
+            self.connect_tried[out] = Some(dest);
+            if sock.connect(dest).is_ok() {
+                self.connected[out] = Some(dest);
+            }
         }
         let sent = if self.connected[out] == Some(dest) { sock.send(data) } else { send_to(sock, data, dest) };
         // A UDP send only fails for a full socket buffer (or an unreachable network, or
