@@ -376,7 +376,10 @@ impl StoreKey {
 
 impl fmt::Display for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.tenant, self.kind.as_str(), self.id)
+        // One definition of the backend key's layout: `render_into`.
+        let mut key = String::with_capacity(self.tenant.as_str().len() + self.id.len() + 16);
+        self.render_into(&mut key);
+        f.write_str(&key)
     }
 }
 
