@@ -10,6 +10,8 @@
 # usage: bench/webrtc.sh [N]      (default 300)
 # env:   HOLD_S (call length, default 40), WINDOW_S (CPU window, default 15),
 #        RATE (calls per second, default 50), SKIP_PLAIN=1 (no baseline),
+#        LOAD_WAKE=1 (the load client sleeps on its sockets, so crossbar's sends wake it;
+#        by default it polls them every ms, as a remote browser costs crossbar no wake-up),
 #        PIN=0 (by default crossbar runs on CPU 1, the load client and SIPp on CPU 0: bench/common.sh)
 set -euo pipefail
 PIN=${PIN:-1}

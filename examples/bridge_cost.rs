@@ -9,7 +9,9 @@
 //! separately, then scaled by the thread's CPU time over wall time so that
 //! time other processes took the core is not counted.
 //!
-//! usage: cargo run --release --example bridge_cost [SECONDS] (default 600)
+//! usage: cargo run --release --example bridge_cost [SECONDS] [CALLS] (default 600 s, 1 call)
+//! With CALLS > 1 the calls take turns each 20 ms tick, as on the media thread, so
+//! each packet finds its call's state as cold as it is in a loaded node.
 //! prints: `RESULT bridge_us_per_pkt=.. client_us_per_pkt=.. packets=.. ..`
 //!
 //! On the shared 2-core development machine (600 s call, 60 000 packets, five
@@ -167,28 +169,30 @@ fn rtp(seq: u16, ts: u32) -> Vec<u8> {
     p
 }
 
-fn main() {
-    if std::env::var_os("BRIDGE_COST_DEBUG").is_some() {
-        tracing_subscriber::fmt().with_env_filter(std::env::var("BRIDGE_COST_DEBUG").unwrap_or_default()).with_writer(std::io::stderr).init();
-    }
-    let seconds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(600);
-    let t0 = Instant::now();
-    let mut now = t0;
+/// One call: the browser's `Rtc`, crossbar's bridge, and their timers.
+struct Call {
+    rtc: Rtc,
+    bridge: Bridge,
+    ssrc: Ssrc,
+    bridge_next: Option<Instant>,
+    client_next: Option<Instant>,
+}
+
+/// Sets up one call (offer, answer, ICE + DTLS) on the virtual clock `now`.
+fn call(now: &mut Instant, c: &mut Counters) -> Call {
     let mut bridge = Bridge::new([LegKind::Plain, LegKind::WebRtc], [PLAIN, WEB]);
     let carrier_offer = format!("v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio {} RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n", CARRIER.port());
-    let to_browser = String::from_utf8(bridge.offer(Side::A, carrier_offer.as_bytes(), now).expect("offer")).expect("utf-8");
-    let mut rtc = RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_pcmu(true, false).build(now);
+    let to_browser = String::from_utf8(bridge.offer(Side::A, carrier_offer.as_bytes(), *now).expect("offer")).expect("utf-8");
+    let mut rtc = RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_pcmu(true, false).build(*now);
     rtc.add_local_candidate(Candidate::host(BROWSER, "udp").expect("candidate"));
     let answer = rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&to_browser).expect("offer parses")).expect("browser accepts");
-    bridge.answer(Side::B, answer.to_sdp_string().as_bytes(), now).expect("answer");
-
-    let mut c = Counters::default();
+    bridge.answer(Side::B, answer.to_sdp_string().as_bytes(), *now).expect("answer");
     let mut connected = false;
     for _ in 0..500 {
-        now += Duration::from_millis(10);
-        rtc.handle_input(Input::Timeout(now)).expect("timeout");
-        bridge.handle_timeout(now);
-        settle(&mut rtc, &mut bridge, now, &mut c, &mut connected);
+        *now += Duration::from_millis(10);
+        rtc.handle_input(Input::Timeout(*now)).expect("timeout");
+        bridge.handle_timeout(*now);
+        settle(&mut rtc, &mut bridge, *now, c, &mut connected);
         if connected && bridge.is_connected(Side::B) {
             break;
         }
@@ -196,48 +200,67 @@ fn main() {
     assert!(connected && bridge.is_connected(Side::B), "ICE + DTLS did not come up");
     let mid = str0m::media::Mid::from(answer.to_sdp_string().lines().find_map(|l| l.strip_prefix("a=mid:")).expect("mid").trim());
     let ssrc: Ssrc = rtc.direct_api().stream_tx_by_mid(mid, None).expect("browser send stream").ssrc();
+    let bridge_next = bridge.poll_timeout();
+    Call { rtc, bridge, ssrc, bridge_next, client_next: None }
+}
 
-    // Bring client stats to zero after the handshake, then run the call.
+fn main() {
+    if std::env::var_os("BRIDGE_COST_DEBUG").is_some() {
+        tracing_subscriber::fmt().with_env_filter(std::env::var("BRIDGE_COST_DEBUG").unwrap_or_default()).with_writer(std::io::stderr).init();
+    }
+    let mut args = std::env::args().skip(1);
+    let seconds: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut c = Counters::default();
+    let mut calls: Vec<Call> = (0..n).map(|_| call(&mut now, &mut c)).collect();
+
+    // Bring client stats to zero after the handshakes, then run the calls: each
+    // 20 ms tick, every call gets one packet each way, as the media thread sees
+    // them with `n` calls up (their state in turn, not one call's in cache).
     c = Counters::default();
+    let mut connected = true;
     let cpu0 = thread_cpu_ns();
     let wall0 = Instant::now();
     let ticks = seconds * 50;
-    let mut bridge_next = bridge.poll_timeout();
-    let mut client_next: Option<Instant> = None;
     for k in 0..ticks {
         now += Duration::from_millis(20);
         let seq = k as u16;
         let ts = (k as u32).wrapping_mul(160);
-        // Timers first, as a driver would when they are due.
-        if client_next.is_none_or(|t| t <= now) {
+        let pkt = rtp(seq, ts);
+        for call in &mut calls {
+            let Call { rtc, bridge, ssrc, bridge_next, client_next } = call;
+            // Timers first, as a driver would when they are due.
+            if client_next.is_none_or(|t| t <= now) {
+                let t = Instant::now();
+                rtc.handle_input(Input::Timeout(now)).expect("timeout");
+                c.client_time(t);
+            }
+            if bridge_next.is_some_and(|t| t <= now) {
+                let t = Instant::now();
+                bridge.handle_timeout(now);
+                c.bridge_time(t);
+            }
+            // Carrier → bridge → browser.
             let t = Instant::now();
-            rtc.handle_input(Input::Timeout(now)).expect("timeout");
+            bridge.handle_receive(Side::A, CARRIER, &pkt, now);
+            c.bridge_time(t);
+            settle(rtc, bridge, now, &mut c, &mut connected);
+            // Browser → bridge → carrier.
+            let t = Instant::now();
+            if let Some(tx) = rtc.direct_api().stream_tx(ssrc) {
+                tx.write_rtp(RtpWrite::new(0.into(), SeqNo::from(k), ts, now, vec![0x55u8; 160]));
+            }
             c.client_time(t);
-        }
-        if bridge_next.is_some_and(|t| t <= now) {
+            *client_next = settle(rtc, bridge, now, &mut c, &mut connected);
             let t = Instant::now();
-            bridge.handle_timeout(now);
+            *bridge_next = bridge.poll_timeout();
             c.bridge_time(t);
         }
-        // Carrier → bridge → browser.
-        let pkt = rtp(seq, ts);
-        let t = Instant::now();
-        bridge.handle_receive(Side::A, CARRIER, &pkt, now);
-        c.bridge_time(t);
-        settle(&mut rtc, &mut bridge, now, &mut c, &mut connected);
-        // Browser → bridge → carrier.
-        let t = Instant::now();
-        if let Some(tx) = rtc.direct_api().stream_tx(&ssrc) {
-            tx.write_rtp(RtpWrite::new(0.into(), SeqNo::from(k), ts, now, vec![0x55u8; 160]));
-        }
-        c.client_time(t);
-        client_next = settle(&mut rtc, &mut bridge, now, &mut c, &mut connected);
-        let t = Instant::now();
-        bridge_next = bridge.poll_timeout();
-        c.bridge_time(t);
     }
     let wall = wall0.elapsed();
-    let counters = bridge.stats();
+    let counters = calls[0].bridge.stats();
     let cpu = Duration::from_nanos(thread_cpu_ns().saturating_sub(cpu0));
     // Other workloads on the machine preempt this thread inside timed calls
     // (wall > CPU): the thread's CPU time is shared out in proportion to the
@@ -248,13 +271,13 @@ fn main() {
     let client = c.client.saturating_sub(overhead * c.client_calls as u32).mul_f64(scale);
     let packets = c.browser_got + c.to_carrier;
     let per = |d: Duration| d.as_secs_f64() * 1e6 / packets.max(1) as f64;
-    println!("call of {seconds} s, 20 ms packets both ways: {} carrier→browser (browser got {}), {} browser→carrier", ticks, c.browser_got, c.to_carrier);
-    println!("bridge counters: {counters:?}");
+    println!("{n} call(s) of {seconds} s, 20 ms packets both ways: {} carrier→browser (browser got {}), {} browser→carrier", ticks * n as u64, c.browser_got, c.to_carrier);
+    println!("first call's bridge counters: {counters:?}");
     println!("datagrams bridge→browser {} (RTCP {}), browser→bridge {} (RTCP {})", c.datagrams_to_browser, c.rtcp_to_browser, c.datagrams_to_bridge, c.rtcp_to_bridge);
     println!("timed calls: bridge {} client {}, {} ns each for the clock reads (subtracted)", c.bridge_calls, c.client_calls, overhead.as_nanos());
     println!("bridge: {:.2} µs/packet   client alone (baseline): {:.2} µs/packet   thread CPU {:.2} µs/packet (wall {:.2})", per(bridge), per(client), per(cpu), per(wall));
     println!(
-        "RESULT bridge_us_per_pkt={:.3} client_us_per_pkt={:.3} total_cpu_us_per_pkt={:.3} packets={packets} rtcp_to_browser={} rtcp_from_browser={}",
+        "RESULT calls={n} bridge_us_per_pkt={:.3} client_us_per_pkt={:.3} total_cpu_us_per_pkt={:.3} packets={packets} rtcp_to_browser={} rtcp_from_browser={}",
         per(bridge),
         per(client),
         per(cpu),

@@ -42,7 +42,7 @@ fn status(msg: &str) -> u16 {
     msg[8..11].parse().unwrap_or(0)
 }
 
-async fn call(i: usize, http: SocketAddr, hold: Duration, totals: Arc<Totals>) -> Result<(), String> {
+async fn call(i: usize, http: SocketAddr, hold: Duration, totals: Arc<Totals>, media: std::sync::mpsc::Sender<Media>) -> Result<(), String> {
     let sock = UdpSocket::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let local = sock.local_addr().map_err(|e| e.to_string())?;
     let start = Instant::now();
@@ -97,59 +97,11 @@ async fn call(i: usize, http: SocketAddr, hold: Duration, totals: Arc<Totals>) -
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(body).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
 
-    // Media: 20 ms PCMA frames once connected, for `hold`.
-    let mut buf = vec![0u8; 2048];
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let mut connected = false;
-    let mut seq: u64 = 1000;
-    let mut counted_up = false;
-    let end = Instant::now() + hold;
-    let payload: Arc<[u8]> = vec![0xd5u8; 160].into();
-    loop {
-        let timeout = loop {
-            match rtc.poll_output().map_err(|e| e.to_string())? {
-                Output::Timeout(t) => break t,
-                Output::Transmit(t) => {
-                    let _ = sock.send_to(&t.contents, t.destination).await;
-                }
-                Output::Event(Event::Connected) => connected = true,
-                Output::Event(Event::RtpPacket(_)) => {
-                    totals.received.fetch_add(1, Ordering::Relaxed);
-                    if !counted_up {
-                        counted_up = true;
-                        totals.up.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Output::Event(_) => {}
-            }
-        };
-        if Instant::now() >= end {
-            break;
-        }
-        let wait = timeout.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
-        tokio::select! {
-            r = sock.recv_from(&mut buf) => {
-                if let Ok((n, from)) = r {
-                    if let Ok(contents) = buf[..n].try_into() {
-                        let _ = rtc.handle_input(Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source: from, destination: local, contents }));
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                if connected {
-                    if let Some(tx) = rtc.direct_api().stream_tx_by_mid(mid, None) {
-                        seq += 1;
-                        tx.write_rtp(RtpWrite::new(8.into(), SeqNo::from(seq), (seq * 160) as u32, Instant::now(), payload.clone()));
-                        totals.sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                let _ = rtc.handle_input(Input::Timeout(Instant::now()));
-            }
-            _ = tokio::time::sleep(wait) => {
-                let _ = rtc.handle_input(Input::Timeout(Instant::now()));
-            }
-        }
-    }
+    // Media runs on the media thread (see `media_thread`) until `hold` is over.
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let sock = sock.into_std().map_err(|e| e.to_string())?;
+    media.send(Media { rtc, sock, local, mid, end: Instant::now() + hold, done }).map_err(|_| "media thread gone")?;
+    finished.await.map_err(|_| "media thread dropped the call")?;
     let bye = format!("BYE {contact} SIP/2.0\r\nVia: SIP/2.0/WS {host};branch=z9hG4bK{i}b\r\nMax-Forwards: 70\r\nFrom: <sip:1001@acme.localhost>;tag=l{i}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {} BYE\r\nContent-Length: 0\r\n\r\n", cseq + 1);
     ws.send(Message::text(bye)).await.map_err(|e| e.to_string())?;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -164,6 +116,139 @@ async fn call(i: usize, http: SocketAddr, hold: Duration, totals: Arc<Totals>) -
     .await;
     totals.ok.fetch_add(1, Ordering::Relaxed);
     Ok(())
+}
+
+/// A call's media, handed to the media thread once SIP set the call up.
+struct Media {
+    rtc: str0m::Rtc,
+    sock: std::net::UdpSocket,
+    local: SocketAddr,
+    mid: str0m::media::Mid,
+    end: Instant,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Per call on the media thread.
+struct Running {
+    m: Media,
+    connected: bool,
+    counted_up: bool,
+    seq: u64,
+    next_frame: Instant,
+    timeout: Instant,
+    /// Got a datagram this turn: its `Rtc` has output to poll.
+    input: bool,
+}
+
+/// How long the media thread sleeps between turns.
+const TURN: Duration = Duration::from_millis(1);
+
+/// Every call's media on one thread, as a remote endpoint would look to crossbar:
+/// the sockets sit in an epoll set that nobody waits on, and the thread sleeps
+/// [`TURN`] between turns, asking epoll without blocking which sockets have data.
+/// Over loopback the kernel runs the receiver's side of a datagram in the sender's
+/// `sendto`, waking the receiver if it sleeps on the socket: a client blocked in
+/// epoll (tokio) would make crossbar pay for waking it, a cost no real browser
+/// across a network puts on crossbar. `LOAD_WAKE=1` keeps the client asleep on
+/// its sockets (woken by every burst) to show that difference.
+fn media_thread(rx: std::sync::mpsc::Receiver<Media>, totals: Arc<Totals>) {
+    use rustix::event::epoll;
+    let wake = std::env::var_os("LOAD_WAKE").is_some();
+    let ep = epoll::create(epoll::CreateFlags::CLOEXEC).expect("epoll");
+    let blank = epoll::Event { flags: epoll::EventFlags::empty(), data: epoll::EventData::new_u64(0) };
+    let mut events = vec![blank; 1024];
+    let mut calls: Vec<Option<Running>> = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let payload: Arc<[u8]> = vec![0xd5u8; 160].into();
+    let mut open = true;
+    while open || calls.iter().any(Option::is_some) {
+        loop {
+            match rx.try_recv() {
+                Ok(m) => {
+                    m.sock.set_nonblocking(true).expect("non-blocking");
+                    let slot = calls.iter().position(Option::is_none).unwrap_or_else(|| {
+                        calls.push(None);
+                        calls.len() - 1
+                    });
+                    epoll::add(&ep, &m.sock, epoll::EventData::new_u64(slot as u64), epoll::EventFlags::IN).expect("epoll add");
+                    let now = Instant::now();
+                    calls[slot] = Some(Running { m, connected: false, counted_up: false, seq: 1000, next_frame: now, timeout: now, input: false });
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let n = if wake {
+            let t = rustix::event::Timespec { tv_sec: 0, tv_nsec: TURN.as_nanos() as _ };
+            epoll::wait(&ep, &mut events[..], Some(&t)).unwrap_or(0)
+        } else {
+            std::thread::sleep(TURN);
+            epoll::wait(&ep, &mut events[..], Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap_or(0)
+        };
+        let now = Instant::now();
+        for ev in &events[..n] {
+            let Some(Some(c)) = calls.get_mut(ev.data.u64() as usize) else { continue };
+            c.input = true;
+            while let Ok((len, from)) = c.m.sock.recv_from(&mut buf) {
+                if let Ok(contents) = buf[..len].try_into() {
+                    let _ = c.m.rtc.handle_input(Input::Receive(now, Receive { proto: Protocol::Udp, source: from, destination: c.m.local, contents }));
+                }
+            }
+        }
+        for call in &mut calls {
+            let Some(c) = call.as_mut() else { continue };
+            if c.connected && now >= c.next_frame {
+                c.next_frame += Duration::from_millis(20);
+                if let Some(tx) = c.m.rtc.direct_api().stream_tx_by_mid(c.m.mid, None) {
+                    c.seq += 1;
+                    tx.write_rtp(RtpWrite::new(8.into(), SeqNo::from(c.seq), (c.seq * 160) as u32, now, payload.clone()));
+                    totals.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                c.timeout = now;
+            }
+            if now >= c.timeout {
+                let _ = c.m.rtc.handle_input(Input::Timeout(now));
+            } else if !std::mem::take(&mut c.input) && now < c.m.end {
+                continue; // nothing new for this call's `Rtc`
+            }
+            c.input = false;
+            loop {
+                match c.m.rtc.poll_output() {
+                    Ok(Output::Timeout(t)) => {
+                        c.timeout = t;
+                        break;
+                    }
+                    Ok(Output::Transmit(t)) => {
+                        let _ = c.m.sock.send_to(&t.contents, t.destination);
+                    }
+                    Ok(Output::Event(Event::Connected)) => {
+                        c.connected = true;
+                        c.next_frame = now;
+                    }
+                    Ok(Output::Event(Event::RtpPacket(_))) => {
+                        totals.received.fetch_add(1, Ordering::Relaxed);
+                        if !c.counted_up {
+                            c.counted_up = true;
+                            totals.up.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Output::Event(_)) => {}
+                    Err(_) => {
+                        c.timeout = c.m.end;
+                        break;
+                    }
+                }
+            }
+            if now >= c.m.end {
+                let c = call.take().expect("present");
+                let _ = epoll::delete(&ep, &c.m.sock);
+                let _ = c.m.done.send(());
+            }
+        }
+    }
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -199,11 +284,14 @@ fn main() {
     rt.block_on(async move {
         let totals = Arc::new(Totals { sent: AtomicU64::new(0), received: AtomicU64::new(0), up: AtomicUsize::new(0), ok: AtomicUsize::new(0) });
         let rss_idle = rss_kb(pid);
+        let (media_tx, media_rx) = std::sync::mpsc::channel();
+        let t = totals.clone();
+        let media = std::thread::spawn(move || media_thread(media_rx, t));
         let mut tasks = Vec::new();
         for i in 0..n {
-            let t = totals.clone();
+            let (t, m) = (totals.clone(), media_tx.clone());
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = call(i, http, hold, t).await {
+                if let Err(e) = call(i, http, hold, t, m).await {
                     eprintln!("call {i}: {e}");
                 }
             }));
@@ -227,6 +315,8 @@ fn main() {
         for t in tasks {
             let _ = t.await;
         }
+        drop(media_tx);
+        let _ = tokio::task::spawn_blocking(move || media.join()).await;
         // Packets still in flight when a call hangs up are not loss: allow 2 frames per call.
         let sent = totals.sent.load(Ordering::Relaxed);
         let received = totals.received.load(Ordering::Relaxed);
