@@ -10,7 +10,8 @@
 # usage: bench/webrtc.sh [N]      (default 300)
 # env:   HOLD_S (call length, default 40), WINDOW_S (CPU window, default 15),
 #        RATE (calls per second, default 50), SKIP_PLAIN=1 (no baseline),
-#        PIN=0 (by default crossbar runs on CPU 1, the load client and SIPp on CPU 0: bench/common.sh)
+#        PIN=0 (by default crossbar runs on CPU 1, the load client and SIPp on CPU 0: bench/common.sh),
+#        MEDIA_IO=auto|uring|syscalls (media.io of the node: io_uring or system calls)
 set -euo pipefail
 PIN=${PIN:-1}
 source "$(dirname "$0")/common.sh"
