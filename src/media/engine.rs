@@ -467,9 +467,9 @@ impl Worker {
     /// submission, and relays them (their sends are queued on the ring, submitted by
     /// [`Worker::complete_sends`]). True if a socket was ready.
     fn receive_batch(&mut self, ready: impl Iterator<Item = u64>, now: Instant) -> bool {
-        let Some(ring) = self.ring.as_mut() else {
+        if self.ring.is_none() {
             return false;
-        };
+        }
         self.batch.clear();
         let mut any = false;
         for token in ready {
@@ -479,7 +479,11 @@ impl Worker {
             if files == NO_FILE {
                 continue;
             }
-            match ring.recv(files[(token & 1) as usize]) {
+            let peer = self.peer(token);
+            let Some(ring) = self.ring.as_mut() else {
+                break;
+            };
+            match ring.recv(files[(token & 1) as usize], peer) {
                 Some(slot) => {
                     debug_assert_eq!(slot, self.batch.len());
                     self.batch.push(token);
@@ -488,7 +492,7 @@ impl Worker {
                 None => break,
             }
         }
-        if let Err(e) = ring.flush() {
+        if let Some(Err(e)) = self.ring.as_mut().map(Ring::flush) {
             self.drop_ring(&e);
             return any;
         }
@@ -505,6 +509,18 @@ impl Worker {
             self.datagram((token >> 1) as usize, (token & 1) as usize, src, Held::Slot { slot, truncated }, now);
         }
         any
+    }
+
+    /// The party the socket named by `token` is connected to (its relayer connected it),
+    /// if it is: its only possible source.
+    fn peer(&self, token: u64) -> Option<SocketAddr> {
+        let owner = *self.owner.get((token >> 1) as usize)?;
+        if owner == NO_OWNER {
+            return None;
+        }
+        let s = self.sessions.get((owner >> 1) as usize)?.as_ref()?;
+        let side = if owner & 1 == 0 { Side::A } else { Side::B };
+        s.relayer.connected(side.rtp_idx() + (token & 1) as usize)
     }
 
     /// One datagram from `src` on pair `pair`, held in `held`.

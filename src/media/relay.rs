@@ -397,6 +397,11 @@ impl Relayer {
         }
     }
 
+    /// The party socket `idx` is connected to: the only source it can receive from.
+    pub(crate) fn connected(&self, idx: usize) -> Option<SocketAddr> {
+        self.connected[idx]
+    }
+
     /// Counts a datagram received on `idx` and not relayed (oversize, unreadable).
     pub(crate) fn count_dropped(&mut self, idx: usize) {
         self.counts[idx].dropped += 1;

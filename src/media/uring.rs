@@ -50,10 +50,14 @@ struct RecvSlot {
     name: libc::sockaddr_storage,
     iov: libc::iovec,
     msg: libc::msghdr,
-    /// The completion's result: bytes received, or a negated errno.
+    /// The completion's result: the datagram's length (even when longer than the
+    /// buffer: `MSG_TRUNC`), or a negated errno.
     result: i32,
     /// Completed (the kernel is done with the slot).
     done: bool,
+    /// The source, known in advance when the socket is connected (a plain `recv`,
+    /// without the header).
+    peer: Option<SocketAddr>,
 }
 
 /// What a send sends.
@@ -148,7 +152,7 @@ impl Ring {
         };
         let result = (|| {
             let unsupported = |what: &str| io::Error::new(io::ErrorKind::Unsupported, format!("io_uring: {what}"));
-            let slot = self.recv(fa).ok_or_else(|| unsupported("no receive slot"))?;
+            let slot = self.recv(fa, None).ok_or_else(|| unsupported("no receive slot"))?;
             // Submitted without waiting: a receive that stayed pending would block a wait.
             self.submit_and_reap(0)?;
             if self.in_flight != 0 {
@@ -168,7 +172,7 @@ impl Ring {
                 return Err(unsupported(&format!("a send with a destination failed: {e}")));
             }
             self.clear();
-            let slot = self.recv(fa).ok_or_else(|| unsupported("no receive slot"))?;
+            let slot = self.recv(fa, None).ok_or_else(|| unsupported("no receive slot"))?;
             self.flush()?;
             match self.received(slot) {
                 Ok(d) if d.data == b"probe" && d.src == b_addr => {}
@@ -221,26 +225,33 @@ impl Ring {
     }
 
     /// Pushes a receive on registered socket `file` into the next free slot; None when
-    /// every slot of this turn is taken (or the ring is poisoned).
-    pub(crate) fn recv(&mut self, file: u32) -> Option<usize> {
+    /// every slot of this turn is taken (or the ring is poisoned). `peer`: the address
+    /// the socket is connected to, if it is (the kernel then takes no other source, and
+    /// a plain `recv` is cheaper than a `recvmsg`).
+    pub(crate) fn recv(&mut self, file: u32, peer: Option<SocketAddr>) -> Option<usize> {
         if self.poisoned || self.recvs == self.recv.len() {
             return None;
         }
         let idx = self.recvs;
         let slot = &mut *self.recv[idx];
         slot.done = false;
-        slot.iov = libc::iovec { iov_base: slot.buf.as_mut_ptr().cast(), iov_len: SLOT_LEN };
-        slot.msg.msg_name = std::ptr::addr_of_mut!(slot.name).cast();
-        slot.msg.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        slot.msg.msg_iov = &mut slot.iov;
-        slot.msg.msg_iovlen = 1;
-        slot.msg.msg_control = std::ptr::null_mut();
-        slot.msg.msg_controllen = 0;
-        slot.msg.msg_flags = 0;
-        let entry = opcode::RecvMsg::new(types::Fixed(file), &mut slot.msg)
-            .flags(libc::MSG_DONTWAIT as u32)
-            .build()
-            .user_data(idx as u64);
+        slot.peer = peer;
+        // MSG_TRUNC: the result is the datagram's length, which tells a truncated one.
+        let flags = libc::MSG_DONTWAIT | libc::MSG_TRUNC;
+        let entry = if peer.is_some() {
+            opcode::Recv::new(types::Fixed(file), slot.buf.as_mut_ptr(), SLOT_LEN as u32).flags(flags).build()
+        } else {
+            slot.iov = libc::iovec { iov_base: slot.buf.as_mut_ptr().cast(), iov_len: SLOT_LEN };
+            slot.msg.msg_name = std::ptr::addr_of_mut!(slot.name).cast();
+            slot.msg.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            slot.msg.msg_iov = &mut slot.iov;
+            slot.msg.msg_iovlen = 1;
+            slot.msg.msg_control = std::ptr::null_mut();
+            slot.msg.msg_controllen = 0;
+            slot.msg.msg_flags = 0;
+            opcode::RecvMsg::new(types::Fixed(file), &mut slot.msg).flags(flags as u32).build()
+        };
+        let entry = entry.user_data(idx as u64);
         // SAFETY: the header, iovec, buffer and name this points to live in the boxed
         // slot `idx`, owned by the ring, which never moves or frees it while the
         // operation is in flight: the slot is handed out again only by `clear`, which
@@ -262,12 +273,17 @@ impl Ring {
         if s.result < 0 {
             return Err(io::Error::from_raw_os_error(-s.result));
         }
-        // SAFETY: `name` is a sockaddr_storage the kernel filled in (any bytes are a
-        // valid sockaddr_storage) and `msg_namelen` is at most its size.
-        let name = unsafe { SockAddr::new(s.name, s.msg.msg_namelen.min(mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t)) };
-        let src = name.as_socket().ok_or_else(|| io::Error::other("datagram from a non-IP source"))?;
-        let len = (s.result as usize).min(SLOT_LEN);
-        Ok(Datagram { data: &s.buf[..len], src, truncated: s.msg.msg_flags & libc::MSG_TRUNC != 0 })
+        let src = match s.peer {
+            Some(peer) => peer,
+            None => {
+                // SAFETY: `name` is a sockaddr_storage the kernel filled in (any bytes
+                // are a valid sockaddr_storage) and the length is at most its size.
+                let name = unsafe { SockAddr::new(s.name, s.msg.msg_namelen.min(mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t)) };
+                name.as_socket().ok_or_else(|| io::Error::other("datagram from a non-IP source"))?
+            }
+        };
+        let len = s.result as usize;
+        Ok(Datagram { data: &s.buf[..len.min(SLOT_LEN)], src, truncated: len > SLOT_LEN })
     }
 
     /// Queues a send of receive slot `slot`'s datagram (no copy) out of registered socket
@@ -411,6 +427,7 @@ impl RecvSlot {
             msg: unsafe { mem::zeroed() },
             result: 0,
             done: false,
+            peer: None,
         })
     }
 }
@@ -464,8 +481,8 @@ mod tests {
         let fb = ring.register(relay_b.as_fd()).unwrap();
         party_a.send_to(b"one", relay_a.local_addr().unwrap()).unwrap();
         // One full and one empty socket in the same submission.
-        let full = ring.recv(fa).unwrap();
-        let empty = ring.recv(fb).unwrap();
+        let full = ring.recv(fa, None).unwrap();
+        let empty = ring.recv(fb, None).unwrap();
         ring.flush().unwrap();
         let d = ring.received(full).unwrap();
         assert_eq!((d.data, d.src, d.truncated), (&b"one"[..], party_a.local_addr().unwrap(), false));
@@ -481,20 +498,27 @@ mod tests {
         let mut buf = [0u8; 16];
         assert_eq!(party_b.recv_from(&mut buf).unwrap(), (3, relay_b.local_addr().unwrap()));
         assert_eq!(party_a.recv_from(&mut buf).unwrap(), (3, relay_a.local_addr().unwrap()));
-        // A datagram longer than a slot is reported truncated.
+        // A datagram longer than a slot is reported truncated, through recvmsg and
+        // through recv (a connected socket: the source is the peer).
         ring.clear();
-        party_a.send_to(&[1u8; SLOT_LEN + 10], relay_a.local_addr().unwrap()).unwrap();
-        let s = ring.recv(fa).unwrap();
+        let big = [1u8; SLOT_LEN + 10];
+        party_a.send_to(&big, relay_a.local_addr().unwrap()).unwrap();
+        party_a.send_to(&big[..SLOT_LEN], relay_a.local_addr().unwrap()).unwrap();
+        party_b.send_to(&big, relay_b.local_addr().unwrap()).unwrap();
+        let s1 = ring.recv(fa, Some(party_a.local_addr().unwrap())).unwrap();
+        let s2 = ring.recv(fa, Some(party_a.local_addr().unwrap())).unwrap();
+        let s3 = ring.recv(fb, None).unwrap();
         ring.flush().unwrap();
-        let d = ring.received(s).unwrap();
-        assert!(d.truncated);
-        assert_eq!(d.data.len(), SLOT_LEN);
+        for (s, truncated, src) in [(s1, true, &party_a), (s2, false, &party_a), (s3, true, &party_b)] {
+            let d = ring.received(s).unwrap();
+            assert_eq!((d.truncated, d.data.len(), d.src), (truncated, SLOT_LEN, src.local_addr().unwrap()));
+        }
         // Every slot is taken until cleared.
         ring.clear();
         for _ in 0..8 {
-            assert!(ring.recv(fb).is_some());
+            assert!(ring.recv(fb, None).is_some());
         }
-        assert!(ring.recv(fb).is_none());
+        assert!(ring.recv(fb, None).is_none());
         ring.flush().unwrap();
         ring.unregister(fa);
         ring.unregister(fb);
