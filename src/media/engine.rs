@@ -5,9 +5,30 @@
 //!
 //! Why not tokio: a relayed packet through a tokio socket costs an edge-triggered wake,
 //! a task poll, the receive, the send and a second receive that only finds the socket
-//! empty (to re-arm the edge), and the worker threads park and unpark around it. Here a
-//! packet costs one `recvfrom` and one `sendto`: the loop takes exactly one datagram per
-//! readiness event (level-triggered, so what is left shows up again next turn).
+//! empty (to re-arm the edge), and the worker threads park and unpark around it. Here
+//! the loop takes exactly one datagram per readiness event (level-triggered, so what is
+//! left shows up again next turn) and sends it on.
+//!
+//! I/O: io_uring, or system calls (`media.io`). With a ring ([`super::uring`]) a turn
+//! pushes one receive per ready socket and submits them all at once, relays what came
+//! in (the relayer only decides: [`Relayer::route`]), queues each send pointing at the
+//! datagram's receive slot (no copy), submits all the sends at once and then counts and
+//! records what went out ([`Relayer::sent`]). One `io_uring_enter` per direction and turn
+//! replaces a `recvfrom` and a `sendto` per packet: measured ~18 % less CPU per relayed
+//! packet at 500 calls (README figures). Every operation carries `MSG_DONTWAIT`, so it
+//! completes during the submit, and the turn waits for exactly what it pushed: nothing
+//! is in flight between turns. A connected socket (latched party) is read with `recv`,
+//! since its source can only be the party. A bridge's output is copied into send slots
+//! of the same batch. A late turn (see [`LATE`]) drains sockets with plain `recvfrom`
+//! loops and sends at once, as the system-call path does.
+//!
+//! Fallback: io_uring is often blocked (the default seccomp profiles of docker and
+//! Kubernetes, `kernel.io_uring_disabled`) and needs kernel 6.0. A thread that cannot
+//! make its ring at start, with `media.io = "auto"`, says so once at info level and does
+//! a `recvfrom` and a `sendto` (or `send` on a connected socket) per datagram, the
+//! relay logic being the same [`Relayer`] either way; `media.io = "uring"` makes the
+//! engine refuse to start instead. A ring that fails later (an `io_uring_enter` error)
+//! is dropped and the thread goes on with system calls.
 //!
 //! Batching: after a turn that found packets, the thread sleeps [`BATCH`] before the
 //! next `epoll_wait`, so one wake-up serves every packet that arrived meanwhile (at 500
