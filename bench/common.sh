@@ -47,6 +47,7 @@ free_port() {
 }
 
 # write_config DIR SIP_PORT RTP_MIN RTP_MAX TRUNK_PORT LOG_LEVEL
+# env: MEDIA_IO = auto (default) | uring | syscalls: the media threads' I/O (media.io)
 write_config() {
     local dir=$1
     mkdir -p "$dir/tenants" "$dir/data"
@@ -67,6 +68,7 @@ bind_ip = "127.0.0.1"
 public_ip = "127.0.0.1"
 rtp_port_min = $3
 rtp_port_max = $4
+io = "${MEDIA_IO:-auto}"
 
 [[trunk]]
 name = "demo-carrier"

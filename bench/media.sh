@@ -10,7 +10,8 @@
 # usage: bench/media.sh [N]     (default 500)
 # env:   RATE (call arrival cps, default 100), HOLD_S (window, default 25),
 #        CROSSBAR_BIN (skip the build), ONLY=direct|crossbar, SKIP_FLOOR=1 (no kernel floor),
-#        PIN=0 (by default crossbar and the floor run on CPU 1, SIPp on CPU 0: bench/common.sh)
+#        PIN=0 (by default crossbar and the floor run on CPU 1, SIPp on CPU 0: bench/common.sh),
+#        MEDIA_IO=auto|uring|syscalls (media.io of the node: io_uring or system calls)
 set -euo pipefail
 PIN=${PIN:-1}
 source "$(dirname "$0")/common.sh"

@@ -12,7 +12,8 @@
 #        RATE (calls per second, default 50), SKIP_PLAIN=1 (no baseline),
 #        LOAD_WAKE=1 (the load client sleeps on its sockets, so crossbar's sends wake it;
 #        by default it polls them every ms, as a remote browser costs crossbar no wake-up),
-#        PIN=0 (by default crossbar runs on CPU 1, the load client and SIPp on CPU 0: bench/common.sh)
+#        PIN=0 (by default crossbar runs on CPU 1, the load client and SIPp on CPU 0: bench/common.sh),
+#        MEDIA_IO=auto|uring|syscalls (media.io of the node: io_uring or system calls)
 set -euo pipefail
 PIN=${PIN:-1}
 source "$(dirname "$0")/common.sh"

@@ -15,6 +15,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use crate::media::MediaIo;
 
 /// A configuration error: which file, which field, what is wrong and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,11 @@ pub struct MediaSection {
     /// One relays ~1,000 plain calls on one core (README figures).
     #[serde(default = "default_media_threads")]
     pub threads: usize,
+    /// How the media threads do their socket I/O: "auto" (the default: io_uring where
+    /// the kernel allows it, else system calls), "uring" (or the node does not start),
+    /// "syscalls".
+    #[serde(default)]
+    pub io: MediaIo,
 }
 
 fn default_media_threads() -> usize {
@@ -474,6 +480,16 @@ impl Config {
         if m.threads == 0 || m.threads > 64 {
             return Err(ConfigError::new(f, "media.threads", format!("{} media threads", m.threads), "use 1 (the default) up to the number of cores"));
         }
+        if m.io == MediaIo::Uring {
+            if let Err(e) = crate::media::uring_available() {
+                return Err(ConfigError::new(
+                    f,
+                    "media.io",
+                    format!("io_uring is not available to this process: {e}"),
+                    "use io = \"auto\" (falls back to system calls), or allow io_uring (the container's seccomp profile, sysctl kernel.io_uring_disabled)",
+                ));
+            }
+        }
         match self.store.backend.as_str() {
             "embedded" => {}
             "redis" if self.store.redis_url.is_some() => {}
@@ -548,11 +564,27 @@ impl Config {
 
 /// Parses TOML and turns serde's error into one that names the field and the line.
 fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        // Where serde was (`media.io`; `.` at the top level, or inside the table of a
+        // missing/unknown field), then the error itself.
+        let path = e.path().to_string();
+        let e = e.into_inner();
         let line = e.span().map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1);
         let msg = e.message().to_string();
-        // serde names the field in its message ("missing field `domain`", "unknown field `x`").
-        let field = msg.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "(syntax)".into());
+        // serde names a missing or unknown field in its message ("missing field `domain`").
+        let named = msg.split('`').nth(1).map(str::to_string);
+        let table = (path != ".").then_some(path);
+        let field = if msg.contains("unknown field") || msg.contains("missing field") {
+            match (table, named) {
+                // An unknown field's path ends with it; a missing field's names its table.
+                (Some(t), Some(n)) if t == n || t.ends_with(&format!(".{n}")) => t,
+                (Some(t), Some(n)) => format!("{t}.{n}"),
+                (None, Some(n)) => n,
+                (t, None) => t.unwrap_or_else(|| "(syntax)".into()),
+            }
+        } else {
+            table.or(named).unwrap_or_else(|| "(syntax)".into())
+        };
         let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
         let fix = if msg.contains("unknown field") {
             "remove or correct the misspelled field; see config/crossbar.toml for the accepted fields".to_string()
@@ -630,6 +662,26 @@ rtp_port_max = 20100
         assert!(e.to_string().contains("Fix:"));
         write(&dir, "node.toml", &format!("{NODE}threads = 2\n"));
         assert_eq!(Config::load(&dir.join("node.toml")).unwrap().media.threads, 2);
+
+        assert_eq!(Config::load(&dir.join("node.toml")).unwrap().media.io, MediaIo::Auto);
+        write(&dir, "node.toml", &format!("{NODE}io = \"syscalls\"\n"));
+        assert_eq!(Config::load(&dir.join("node.toml")).unwrap().media.io, MediaIo::Syscalls);
+        write(&dir, "node.toml", &format!("{NODE}io = \"epoll\"\n"));
+        let e = Config::load(&dir.join("node.toml")).unwrap_err();
+        assert!(e.field.starts_with("media.io (line "), "{e}");
+        assert!(e.to_string().contains("expected one of `auto`, `uring`, `syscalls`"), "{e}");
+        write(&dir, "node.toml", &NODE.replace("[media]", "[media]\nthreads = \"two\""));
+        let e = Config::load(&dir.join("node.toml")).unwrap_err();
+        assert!(e.field.starts_with("media.threads (line "), "{e}");
+        write(&dir, "node.toml", &format!("{NODE}io = \"uring\"\n"));
+        match crate::media::uring_available() {
+            Ok(()) => assert_eq!(Config::load(&dir.join("node.toml")).unwrap().media.io, MediaIo::Uring),
+            Err(_) => {
+                let e = Config::load(&dir.join("node.toml")).unwrap_err();
+                assert_eq!(e.field, "media.io");
+                assert!(e.to_string().contains("Fix:"));
+            }
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }

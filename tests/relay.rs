@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crossbar::media::{
-    MediaConfig, MediaEngine, MediaError, MediaSession, Recording, RecordingOptions, Side,
+    MediaConfig, MediaEngine, MediaError, MediaIo, MediaSession, Recording, RecordingOptions, Side,
 };
 use tokio::net::UdpSocket;
 use tokio::time::{sleep, timeout, Instant};
@@ -19,7 +19,12 @@ fn engine(port_min: u16, port_max: u16) -> MediaEngine {
 
 /// An engine with `threads` media threads (the range is split between them).
 fn engine_threads(port_min: u16, port_max: u16, threads: usize) -> MediaEngine {
-    MediaEngine::with_threads(
+    engine_io(MediaIo::Auto, port_min, port_max, threads)
+}
+
+/// An engine whose media threads do their I/O as `io` says.
+fn engine_io(io: MediaIo, port_min: u16, port_max: u16, threads: usize) -> MediaEngine {
+    let eng = MediaEngine::with_io(
         MediaConfig {
             bind_ip: LO,
             public_ip: LO,
@@ -27,8 +32,48 @@ fn engine_threads(port_min: u16, port_max: u16, threads: usize) -> MediaEngine {
             port_max,
         },
         threads,
+        io,
     )
-    .expect("valid config")
+    .expect("valid config");
+    if io != MediaIo::Auto {
+        assert_eq!(eng.io(), io, "the engine does its I/O as asked");
+    }
+    eng
+}
+
+/// Whether this process may use io_uring; if not, the io_uring runs of the scenarios
+/// below say so and pass (containers often block it).
+fn no_uring() -> bool {
+    match crossbar::media::uring_available() {
+        Ok(()) => false,
+        Err(e) => {
+            eprintln!("io_uring unavailable here, io_uring path not tested: {e}");
+            true
+        }
+    }
+}
+
+/// Runs a relay scenario `name(io, port_min)` once per I/O path of the media threads,
+/// as tests `name::uring` and `name::syscalls`, each on its own ports (the system-call
+/// run 1,000 above `port_min`).
+macro_rules! on_both_io_paths {
+    ($name:ident, $port_min:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn uring() {
+                if !no_uring() {
+                    super::$name(MediaIo::Uring, $port_min).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn syscalls() {
+                super::$name(MediaIo::Syscalls, $port_min + 1000).await;
+            }
+        }
+    };
 }
 
 async fn party() -> UdpSocket {
@@ -81,8 +126,8 @@ fn rtp_packet(seq: u16) -> Vec<u8> {
     p
 }
 
-async fn both_ways(threads: usize, port_min: u16) {
-    let eng = engine_threads(port_min, port_min + 19, threads);
+async fn both_ways(io: MediaIo, threads: usize, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, threads);
     let s = eng.open_session().await.unwrap();
     let (pa, pb) = (party().await, party().await);
     s.set_remote(Side::A, addr(&pa), None);
@@ -109,22 +154,31 @@ async fn both_ways(threads: usize, port_min: u16) {
 
 #[tokio::test]
 async fn relays_both_ways_one_media_thread() {
-    both_ways(1, 23000).await;
+    both_ways(MediaIo::Auto, 1, 23000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_both_ways_two_media_threads() {
-    both_ways(2, 23020).await;
+    both_ways(MediaIo::Auto, 2, 23020).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_both_ways_one_media_thread_multi_thread_runtime() {
-    both_ways(1, 23040).await;
+    both_ways(MediaIo::Auto, 1, 23040).await;
 }
 
-#[tokio::test]
-async fn latching_follows_actual_source() {
-    let eng = engine(23100, 23119);
+async fn relays_both_ways(io: MediaIo, port_min: u16) {
+    both_ways(io, 1, port_min).await;
+}
+on_both_io_paths!(relays_both_ways, 23060);
+
+async fn relays_both_ways_two_threads(io: MediaIo, port_min: u16) {
+    both_ways(io, 2, port_min).await;
+}
+on_both_io_paths!(relays_both_ways_two_threads, 23080);
+
+async fn latching_follows_actual_source(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 1);
     let s = eng.open_session().await.unwrap();
     // A's SDP names `sdp_a`, but A really sends from `pa` (NAT).
     let (pa, sdp_a, pb) = (party().await, party().await, party().await);
@@ -200,10 +254,10 @@ async fn latching_follows_actual_source() {
     )
     .await;
 }
+on_both_io_paths!(latching_follows_actual_source, 23100);
 
-#[tokio::test]
-async fn latched_port_ignores_strangers_before_anything_was_sent_to_it() {
-    let eng = engine(23160, 23179);
+async fn latched_port_ignores_strangers_before_anything_was_sent_to_it(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 1);
     let s = eng.open_session().await.unwrap();
     let (pa, pb, stranger) = (party().await, party().await, party().await);
     s.set_remote(Side::A, addr(&pa), None);
@@ -218,10 +272,10 @@ async fn latched_port_ignores_strangers_before_anything_was_sent_to_it() {
     hop(&pa, s.local_rtp(Side::A), &pb, s.local_rtp(Side::B), b"A again").await;
     assert_eq!(s.stats().a_to_b_rtp.packets, 2);
 }
+on_both_io_paths!(latched_port_ignores_strangers_before_anything_was_sent_to_it, 23160);
 
-#[tokio::test]
-async fn no_destination_drops_and_counts_until_party_sends() {
-    let eng = engine(23120, 23139);
+async fn no_destination_drops_and_counts_until_party_sends(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 1);
     let s = eng.open_session().await.unwrap();
     let (pa, pb) = (party().await, party().await);
     // Only B is known (the caller's SDP has not been applied yet, or never will be).
@@ -248,10 +302,10 @@ async fn no_destination_drops_and_counts_until_party_sends() {
     assert!(eventually(|| s.stats().b_to_a_rtp.packets == 1).await);
     assert_eq!(s.stats().dropped(), 3);
 }
+on_both_io_paths!(no_destination_drops_and_counts_until_party_sends, 23120);
 
-#[tokio::test]
-async fn rtcp_relayed_on_port_plus_one() {
-    let eng = engine(23140, 23159);
+async fn rtcp_relayed_on_port_plus_one(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 1);
     let s = eng.open_session().await.unwrap();
     assert_eq!(
         s.local_rtcp(Side::A).port(),
@@ -295,6 +349,7 @@ async fn rtcp_relayed_on_port_plus_one() {
     assert_eq!(st.b_to_a_rtp.packets, 0);
     assert_eq!(st.relayed_packets(), 3);
 }
+on_both_io_paths!(rtcp_relayed_on_port_plus_one, 23140);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_frees_ports_over_1000_cycles() {
@@ -323,9 +378,8 @@ async fn close_frees_ports_over_1000_cycles() {
     assert_eq!(eng.ports_in_use(), 0);
 }
 
-#[tokio::test]
-async fn close_with_traffic_in_flight_frees_ports() {
-    let eng = engine_threads(23220, 23239, 2);
+async fn close_with_traffic_in_flight_frees_ports(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 2);
     let (pa, pb) = (party().await, party().await);
     for _ in 0..50 {
         let s = eng.open_session().await.unwrap();
@@ -340,6 +394,7 @@ async fn close_with_traffic_in_flight_frees_ports() {
     }
     assert_eq!(eng.ports_in_use(), 0);
 }
+on_both_io_paths!(close_with_traffic_in_flight_frees_ports, 23220);
 
 #[tokio::test]
 async fn round_robin_does_not_reuse_just_freed_ports() {
@@ -421,19 +476,22 @@ async fn our_ports_are_exclusive() {
     }
 }
 
-#[tokio::test]
-async fn ipv6_relay() {
+async fn ipv6_relay(io: MediaIo, port_min: u16) {
     let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
     if std::net::UdpSocket::bind((lo6, 0)).is_err() {
         eprintln!("no IPv6 loopback here; skipped");
         return;
     }
-    let eng = MediaEngine::new(MediaConfig {
-        bind_ip: lo6,
-        public_ip: lo6,
-        port_min: 23500,
-        port_max: 23519,
-    })
+    let eng = MediaEngine::with_io(
+        MediaConfig {
+            bind_ip: lo6,
+            public_ip: lo6,
+            port_min,
+            port_max: port_min + 19,
+        },
+        1,
+        io,
+    )
     .unwrap();
     let s = eng.open_session().await.unwrap();
     assert!(s.local_rtp(Side::A).is_ipv6());
@@ -458,10 +516,10 @@ async fn ipv6_relay() {
     )
     .await;
 }
+on_both_io_paths!(ipv6_relay, 23500);
 
-#[tokio::test]
-async fn hold_or_own_address_gives_no_destination() {
-    let eng = engine(23540, 23559);
+async fn hold_or_own_address_gives_no_destination(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 1);
     let s: MediaSession = eng.open_session().await.unwrap();
     s.set_remote(Side::A, "0.0.0.0:4000".parse().unwrap(), None);
     assert_eq!(s.remote_rtp(Side::A), None);
@@ -480,6 +538,7 @@ async fn hold_or_own_address_gives_no_destination() {
     );
     assert_eq!(s.remote_rtcp(Side::B), None);
 }
+on_both_io_paths!(hold_or_own_address_gives_no_destination, 23540);
 
 #[test]
 fn config_is_validated() {
@@ -550,8 +609,8 @@ fn channels(rec: &Recording) -> (Vec<i16>, Vec<i16>) {
     (left, right)
 }
 
-async fn records_both_directions(threads: usize, port_min: u16) {
-    let eng = engine_threads(port_min, port_min + 19, threads);
+async fn records_both_directions(io: MediaIo, threads: usize, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, threads);
     let s = eng.open_session().await.unwrap();
     let (pa, pb) = (party().await, party().await);
     s.set_remote(Side::A, addr(&pa), None);
@@ -629,17 +688,21 @@ async fn records_both_directions(threads: usize, port_min: u16) {
 
 #[tokio::test]
 async fn records_both_directions_one_media_thread() {
-    records_both_directions(1, 23600).await;
+    records_both_directions(MediaIo::Auto, 1, 23600).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_both_directions_two_media_threads() {
-    records_both_directions(2, 23620).await;
+    records_both_directions(MediaIo::Auto, 2, 23620).await;
 }
 
-#[tokio::test]
-async fn recording_truncates_at_max_bytes_and_relaying_goes_on() {
-    let eng = engine(23640, 23659);
+async fn records_both_directions_both_paths(io: MediaIo, port_min: u16) {
+    records_both_directions(io, 1, port_min).await;
+}
+on_both_io_paths!(records_both_directions_both_paths, 23680);
+
+async fn recording_truncates_at_max_bytes_and_relaying_goes_on(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 1);
     let s = eng.open_session().await.unwrap();
     let (pa, pb) = (party().await, party().await);
     s.set_remote(Side::A, addr(&pa), None);
@@ -669,10 +732,10 @@ async fn recording_truncates_at_max_bytes_and_relaying_goes_on() {
     assert_eq!(st.a_to_b_rtp.packets, 30);
     assert_eq!(st.dropped(), 0);
 }
+on_both_io_paths!(recording_truncates_at_max_bytes_and_relaying_goes_on, 23640);
 
-#[tokio::test]
-async fn recording_off_finish_is_none_at_once_and_restart_works() {
-    let eng = engine(23660, 23679);
+async fn recording_off_finish_is_none_at_once_and_restart_works(io: MediaIo, port_min: u16) {
+    let eng = engine_io(io, port_min, port_min + 19, 1);
     let s = eng.open_session().await.unwrap();
     let (pa, pb) = (party().await, party().await);
     s.set_remote(Side::A, addr(&pa), None);
@@ -714,3 +777,4 @@ async fn recording_off_finish_is_none_at_once_and_restart_works() {
     s.close();
     assert_eq!(eng.ports_in_use(), 0);
 }
+on_both_io_paths!(recording_off_finish_is_none_at_once_and_restart_works, 23660);

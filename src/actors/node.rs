@@ -157,12 +157,12 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
         _ => None,
     };
     let transports = Transports::bind(&config.sip.udp, &config.sip.tcp, tls.as_ref()).await?;
-    let media = MediaEngine::with_threads(MediaConfig {
+    let media = MediaEngine::with_io(MediaConfig {
         bind_ip: config.media.bind_ip,
         public_ip: config.media.public_ip,
         port_min: config.media.rtp_port_min,
         port_max: config.media.rtp_port_max,
-    }, config.media.threads)?;
+    }, config.media.threads, config.media.io)?;
     let (t1, t2, t4) = config.timers();
     let trunk = config.trunks.first();
     let node = Arc::new(Node {

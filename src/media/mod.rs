@@ -19,6 +19,8 @@
 //!
 //! - `ports`: the RTP port pool (pairs stay bound between calls).
 //! - `engine`: the media threads (epoll loops) serving every media socket.
+//! - `uring`: the io_uring those threads batch their socket I/O through (the crate's
+//!   only `unsafe` code).
 //! - `relay`: per-session shared state and what happens to one relayed datagram.
 //! - `recording`: capture of relayed audio and its rendering to WAV (sans-IO).
 //! - `g711`: µ-law / A-law decoding.
@@ -28,6 +30,7 @@ mod g711;
 mod ports;
 mod recording;
 mod relay;
+mod uring;
 pub mod webrtc;
 
 use std::fmt;
@@ -39,7 +42,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use serde::Deserialize;
+use tracing::{debug, info, warn};
 
 use engine::{Cmd, PairSocks, Shard};
 use ports::{PairLease, PortPool};
@@ -59,6 +63,27 @@ pub struct MediaConfig {
     pub port_min: u16,
     /// Last port of the range (inclusive).
     pub port_max: u16,
+}
+
+/// How the media threads do their socket I/O (`media.io`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaIo {
+    /// io_uring where the kernel allows it (container seccomp profiles often block it),
+    /// else system calls, said once in the log at start.
+    #[default]
+    Auto,
+    /// io_uring: the receives of a loop turn in one submission, its sends in another.
+    /// Without it the engine does not start.
+    Uring,
+    /// A `recvfrom` and a `sendto` per datagram.
+    Syscalls,
+}
+
+/// Whether this process may use io_uring as the media threads do (the check
+/// [`MediaIo::Uring`] makes at start); the reason when not.
+pub fn uring_available() -> io::Result<()> {
+    uring::Ring::new(1, 2).map(drop)
 }
 
 /// One leg of a call: A = caller, B = callee.
@@ -93,6 +118,9 @@ pub enum MediaError {
     /// Every port pair of the range is in use (or taken by another process): answer 503.
     #[error("media ports exhausted")]
     PortsExhausted,
+    /// `MediaIo::Uring` was asked for and this process cannot use io_uring.
+    #[error("io_uring unavailable for the media threads: {0}")]
+    Uring(io::Error),
     #[error("media socket error: {0}")]
     Io(#[from] io::Error),
 }
@@ -149,6 +177,8 @@ struct EngineInner {
     cfg: MediaConfig,
     pool: Arc<PortPool>,
     shards: Vec<Arc<Shard>>,
+    /// The I/O the media threads do: `Uring` or `Syscalls`.
+    io: MediaIo,
     /// Round-robin over the shards for new sessions.
     next: AtomicUsize,
     /// Times binding failed for lack of file descriptors (logged sparingly).
@@ -168,6 +198,7 @@ impl fmt::Debug for MediaEngine {
         f.debug_struct("MediaEngine")
             .field("cfg", &self.inner.cfg)
             .field("threads", &self.inner.shards.len())
+            .field("io", &self.inner.io)
             .field("ports_in_use", &self.ports_in_use())
             .finish()
     }
@@ -182,15 +213,41 @@ impl MediaEngine {
     /// Like [`MediaEngine::new`] with `threads` media threads (at least one); the port
     /// range is split between them, pair by pair.
     pub fn with_threads(cfg: MediaConfig, threads: usize) -> Result<Self, MediaError> {
+        Self::with_io(cfg, threads, MediaIo::Auto)
+    }
+
+    /// Like [`MediaEngine::with_threads`], with the media threads' I/O chosen by `io`.
+    /// `Err(MediaError::Uring)` when `io` is [`MediaIo::Uring`] and io_uring cannot be
+    /// used here.
+    pub fn with_io(cfg: MediaConfig, threads: usize, io: MediaIo) -> Result<Self, MediaError> {
         validate(&cfg)?;
         let threads = threads.max(1);
         let pool = Arc::new(PortPool::new(cfg.port_min, cfg.port_max, threads));
-        let shards = (0..threads)
-            .map(|i| Shard::start(i, Arc::clone(&pool)))
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut shards = Vec::with_capacity(threads);
+        let mut io = io;
+        for i in 0..threads {
+            let (shard, failed) = Shard::start(i, Arc::clone(&pool), io)?;
+            // A shard that started is shut down when dropped, on error too.
+            shards.push(shard);
+            if let Some(e) = failed {
+                if io == MediaIo::Uring {
+                    drop(EngineInner { cfg, pool, shards, io, next: AtomicUsize::new(0), emfile: AtomicUsize::new(0) });
+                    return Err(MediaError::Uring(e));
+                }
+                info!(error = %e, "media threads: io_uring unavailable, using system calls (media.io = \"auto\")");
+                // The others would fail alike: not tried again.
+                io = MediaIo::Syscalls;
+            }
+        }
+        let io = if io == MediaIo::Syscalls { MediaIo::Syscalls } else { MediaIo::Uring };
         Ok(Self {
-            inner: Arc::new(EngineInner { cfg, pool, shards, next: AtomicUsize::new(0), emfile: AtomicUsize::new(0) }),
+            inner: Arc::new(EngineInner { cfg, pool, shards, io, next: AtomicUsize::new(0), emfile: AtomicUsize::new(0) }),
         })
+    }
+
+    /// The I/O the media threads do: [`MediaIo::Uring`] or [`MediaIo::Syscalls`].
+    pub fn io(&self) -> MediaIo {
+        self.inner.io
     }
 
     pub fn config(&self) -> &MediaConfig {

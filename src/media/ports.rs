@@ -80,7 +80,7 @@ impl PortPool {
         self.pairs
     }
 
-    #[cfg(test)]
+    /// Media threads the range is split between.
     pub(crate) fn shards(&self) -> usize {
         self.shards.len()
     }

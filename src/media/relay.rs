@@ -207,6 +207,15 @@ pub(crate) struct Relayer {
     rec: [Option<RecArm>; 2],
 }
 
+/// Where [`Relayer::route`] sends a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Route {
+    /// The socket it leaves through (the other side's, same kind).
+    pub(crate) out: usize,
+    /// Its destination; None when `out` is connected to it (a plain `send`).
+    pub(crate) dest: Option<SocketAddr>,
+}
+
 /// Forces a reload of the shared state on the next packet.
 const STALE: u64 = u64::MAX;
 
@@ -313,9 +322,25 @@ impl Relayer {
         }
     }
 
-    /// One datagram received on socket `idx` from `src`: relayed to the other party,
-    /// counted, and captured if recording. Returns false when it was dropped.
+    /// One datagram received on socket `idx` from `src`, relayed at once with a system
+    /// call: [`Relayer::route`], the send, [`Relayer::sent`]. Returns false when it was
+    /// dropped.
     pub(crate) fn on_packet(&mut self, inner: &SessionInner, idx: usize, data: &[u8], src: SocketAddr) -> bool {
+        let Some(route) = self.route(inner, idx, src) else {
+            return false;
+        };
+        let sock = inner.sock(route.out);
+        let sent = match route.dest {
+            None => sock.send(data),
+            Some(dest) => send_to(sock, data, dest),
+        };
+        self.sent(idx, route.out, data, sent.map(drop))
+    }
+
+    /// Where a datagram received on socket `idx` from `src` goes: latches, drops a
+    /// stranger's, and connects the outgoing socket to a latched party. None when it is
+    /// dropped (counted). The caller sends it and reports with [`Relayer::sent`].
+    pub(crate) fn route(&mut self, inner: &SessionInner, idx: usize, src: SocketAddr) -> Option<Route> {
         self.refresh(inner);
         if !self.cache[idx].latched {
             self.latch(inner, idx, src);
@@ -323,29 +348,34 @@ impl Relayer {
             // Latched, not yet connected (nothing sent to the party so far): a stranger's
             // packet is dropped here, as the kernel drops it on a connected socket.
             self.counts[idx].dropped += 1;
-            return false;
+            return None;
         }
         let out = idx ^ 2;
         let Some(dest) = self.cache[out].dest else {
             self.counts[idx].dropped += 1;
-            return false;
+            return None;
         };
         // Once the party on `out` is latched, its socket is connected to it: the kernel
         // then skips the route lookup on every send (about a tenth of a send's cost) and
         // drops datagrams from anyone else on that port, as a latched relay should.
-        let sock = inner.sock(out);
         if self.cache[out].latched && self.connect_tried[out] != Some(dest) {
             self.connect_tried[out] = Some(dest);
-            if sock.connect(dest).is_ok() {
+            if inner.sock(out).connect(dest).is_ok() {
                 self.connected[out] = Some(dest);
             }
         }
-        let sent = if self.connected[out] == Some(dest) { sock.send(data) } else { send_to(sock, data, dest) };
+        let dest = (self.connected[out] != Some(dest)).then_some(dest);
+        Some(Route { out, dest })
+    }
+
+    /// The outcome of sending `data` (received on socket `idx`) out of socket `out`:
+    /// counted, and captured if recording. Returns false when it was dropped.
+    pub(crate) fn sent(&mut self, idx: usize, out: usize, data: &[u8], result: io::Result<()>) -> bool {
         // A UDP send only fails for a full socket buffer (or an unreachable network, or
         // an ICMP error reported on a connected socket): media is then dropped, never
         // queued (late audio is useless).
-        match sent {
-            Ok(_) => {
+        match result {
+            Ok(()) => {
                 let c = &mut self.counts[idx];
                 c.packets += 1;
                 c.bytes += data.len() as u64;
@@ -365,6 +395,11 @@ impl Relayer {
                 false
             }
         }
+    }
+
+    /// The party socket `idx` is connected to: the only source it can receive from.
+    pub(crate) fn connected(&self, idx: usize) -> Option<SocketAddr> {
+        self.connected[idx]
     }
 
     /// Counts a datagram received on `idx` and not relayed (oversize, unreadable).
