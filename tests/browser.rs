@@ -179,11 +179,15 @@ fn browser_answers_a_carrier_late_offer_with_media_both_ways() {
 }
 
 /// 2: alice dials an external number; the carrier answers (RTP echo); alice hangs up.
+/// This node's media threads use system calls (`media.io = "syscalls"`), the other
+/// browser tests' io_uring: the bridge is proven on both paths.
 #[test]
 fn browser_calls_out_through_the_carrier() {
-    let cfg = NodeConfig::new();
+    let mut cfg = NodeConfig::new();
+    cfg.media_extra = "io = \"syscalls\"".into();
     let trunk = cfg.trunk_outbound;
     let cb = Crossbar::start(cfg);
+    assert!(cb.stderr_lines().iter().any(|l| l.contains("media threads started") && l.contains("system calls")), "{}", cb.report());
     let dir = TempDir::new("browser-out");
     let mut uas = Sipp::new("uas_answer.xml", trunk.ip(), trunk.port()).media(CARRIER, free_media_port(CARRIER)).arg("-rtp_echo").timeout(Duration::from_secs(60)).spawn(&dir);
     uas.wait_listening();

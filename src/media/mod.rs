@@ -240,6 +240,7 @@ impl MediaEngine {
             }
         }
         let io = if io == MediaIo::Syscalls { MediaIo::Syscalls } else { MediaIo::Uring };
+        info!(threads, io = if io == MediaIo::Uring { "io_uring" } else { "system calls" }, "media threads started");
         Ok(Self {
             inner: Arc::new(EngineInner { cfg, pool, shards, io, next: AtomicUsize::new(0), emfile: AtomicUsize::new(0) }),
         })

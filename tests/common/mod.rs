@@ -140,6 +140,8 @@ pub struct NodeConfig {
     pub http: SocketAddr,
     /// Extra lines for the `[http]` section (e.g. the HTTPS/WSS listener).
     pub http_extra: String,
+    /// Extra lines for the `[media]` section (e.g. `io = "syscalls"`).
+    pub media_extra: String,
 }
 
 impl NodeConfig {
@@ -157,6 +159,7 @@ impl NodeConfig {
             acme_extra: String::new(),
             globex_extra: String::new(),
             http_extra: String::new(),
+            media_extra: String::new(),
             http: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
         }
     }
@@ -189,6 +192,7 @@ bind_ip = "127.0.0.1"
 public_ip = "127.0.0.1"
 rtp_port_min = {rmin}
 rtp_port_max = {rmax}
+{media_extra}
 
 [[trunk]]
 name = "demo-carrier"
@@ -205,6 +209,7 @@ outbound = "{out}"
             store = self.redis_url.as_ref().map(|u| format!("[store]\nbackend = \"redis\"\nredis_url = \"{u}\"")).unwrap_or_default(),
             http = self.http,
             http_extra = self.http_extra,
+            media_extra = self.media_extra,
             web_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dist").display(),
         );
         std::fs::create_dir_all(dir.join("tenants")).unwrap();
