@@ -23,6 +23,8 @@
 //! direction: 10 080 → 120); the str0m client went from 2.1 to 1.4 µs.
 //! What is left is str0m's: SRTP (AES-256-GCM, about a third) and its
 //! poll/timeout machinery; the bridge's own code is under 3 % of it.
+//! With 300 calls taking turns (2026-11-23, same session): 2.4–3.9 µs through
+//! the bridge against 2.2–2.4 µs for one call: cold state costs up to ~1.8×.
 
 use crossbar::media::webrtc::{Bridge, LegKind};
 use crossbar::media::Side;
