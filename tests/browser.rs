@@ -180,7 +180,7 @@ fn browser_answers_a_carrier_late_offer_with_media_both_ways() {
 
 /// 2: alice dials an external number; the carrier answers (RTP echo); alice hangs up.
 /// This node's media threads use system calls (`media.io = "syscalls"`), the other
-/// browser tests' io_uring: the bridge is proven on both paths.
+/// browser tests' io_uring where the machine allows it: the bridge is proven on both.
 #[test]
 fn browser_calls_out_through_the_carrier() {
     let mut cfg = NodeConfig::new();

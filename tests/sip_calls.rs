@@ -66,8 +66,19 @@ fn register_with_digest_reregister_and_unregister() {
 
 // 2, 3 -----------------------------------------------------------------------
 
-fn carrier_call_to_registered_extension(callee_hangs_up: bool) {
-    let cb = Crossbar::start(NodeConfig::new());
+/// `no_uring`: the node runs as where a seccomp profile refuses io_uring (a
+/// fault-injection hook), so its media threads must fall back to system calls.
+fn carrier_call_to_registered_extension(callee_hangs_up: bool, no_uring: bool) {
+    let mut cfg = NodeConfig::new();
+    if no_uring {
+        cfg.env.push(("CROSSBAR_FAULT_NO_URING".into(), "1".into()));
+    }
+    let cb = Crossbar::start(cfg);
+    // Without the hook, io_uring is what this machine allows.
+    let fallback = no_uring || crossbar::media::uring_available().is_err();
+    let io = if fallback { "system calls" } else { "io_uring" };
+    assert!(cb.stderr_lines().iter().any(|l| l.contains("media threads started") && l.contains(io)), "media threads not on {io}\n{}", cb.report());
+    assert_eq!(cb.stderr_lines().iter().any(|l| l.contains("io_uring unavailable, using system calls")), fallback, "{}", cb.report());
     let dir = TempDir::new("carrier");
     let uas_scenario = if callee_hangs_up { "uas_answer_hangup.xml" } else { "uas_answer.xml" };
     let uas = registered_uas(&cb, &dir, uas_scenario, "1001", ACME, "acme1001pw", 1, &["-d", "4000"]);
@@ -95,12 +106,19 @@ fn carrier_call_to_registered_extension(callee_hangs_up: bool) {
 
 #[test]
 fn carrier_did_to_registered_extension_rtp_both_ways_caller_hangs_up() {
-    carrier_call_to_registered_extension(false);
+    carrier_call_to_registered_extension(false, false);
 }
 
 #[test]
 fn carrier_did_to_registered_extension_callee_hangs_up() {
-    carrier_call_to_registered_extension(true);
+    carrier_call_to_registered_extension(true, false);
+}
+
+/// As above where io_uring is refused: `media.io = "auto"` falls back to system calls
+/// (and says so once), and RTP still flows both ways.
+#[test]
+fn carrier_call_with_io_uring_refused_relays_on_system_calls() {
+    carrier_call_to_registered_extension(false, true);
 }
 
 // 4 --------------------------------------------------------------------------

@@ -268,6 +268,12 @@ struct Worker {
 /// table for every socket of the thread's share of the pool (bounded by the open-files
 /// limit, which bounds the sockets that can be open at once).
 fn ring_for(pool: &PortPool) -> io::Result<Ring> {
+    // Test hook: a node started with this variable behaves as one whose seccomp profile
+    // refuses io_uring, so that tests can prove the fallback.
+    #[cfg(feature = "fault-injection")]
+    if std::env::var_os("CROSSBAR_FAULT_NO_URING").is_some() {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring refused (fault injection: CROSSBAR_FAULT_NO_URING)"));
+    }
     let sockets = 2 * pool.capacity().div_ceil(pool.shards());
     let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
     let files = (sockets as u64).min(nofile).max(2);

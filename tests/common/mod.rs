@@ -142,6 +142,8 @@ pub struct NodeConfig {
     pub http_extra: String,
     /// Extra lines for the `[media]` section (e.g. `io = "syscalls"`).
     pub media_extra: String,
+    /// Environment variables for the node process (fault-injection hooks).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeConfig {
@@ -160,6 +162,7 @@ impl NodeConfig {
             globex_extra: String::new(),
             http_extra: String::new(),
             media_extra: String::new(),
+            env: Vec::new(),
             http: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
         }
     }
@@ -342,7 +345,7 @@ impl Crossbar {
     pub fn start(config: NodeConfig) -> Crossbar {
         let dir = TempDir::new("node");
         config.write(&dir.path);
-        let (child, stderr) = spawn_node(&dir.path.join("crossbar.toml"));
+        let (child, stderr) = spawn_node(&dir.path.join("crossbar.toml"), &config.env);
         Crossbar { child, config, dir, stderr }
     }
 
@@ -355,7 +358,7 @@ impl Crossbar {
     /// Starts the node again on the same configuration and data directory.
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, stderr) = spawn_node(&self.dir.path.join("crossbar.toml"));
+        let (child, stderr) = spawn_node(&self.dir.path.join("crossbar.toml"), &self.config.env);
         self.child = child;
         self.stderr = stderr;
     }
@@ -468,11 +471,12 @@ impl Crossbar {
 }
 
 /// Starts the binary on a config file and waits for `crossbar ready` (20 s).
-fn spawn_node(file: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+fn spawn_node(file: &Path, env: &[(String, String)]) -> (Child, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_crossbar"))
         .arg("run")
         .arg("--config")
         .arg(file)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("NO_COLOR", "1")
         .env_remove("CROSSBAR_LOG")
         .stdin(Stdio::null())
