@@ -135,6 +135,9 @@ cleanup() {
     set +e   # errexit would stop at the first child that already ended
     for p in "${CHILDREN[@]}"; do kill "$p" 2>/dev/null; done
     wait 2>/dev/null
+    # The node's store grows ~200 MB in a CPS run: logs and SIPp files stay, the store
+    # goes (KEEP=1 keeps it).
+    [[ -n ${WORK:-} && -z ${KEEP:-} ]] && find "$WORK" -name '*.redb' -delete
     return 0
 }
 trap cleanup EXIT

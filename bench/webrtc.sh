@@ -23,8 +23,6 @@ HOLD_S=${HOLD_S:-40}
 WINDOW_S=${WINDOW_S:-15}
 RATE=${RATE:-50}
 WORK=$(mktemp -d /tmp/crossbar-bench-webrtc.XXXXXX)
-CHILDREN=()
-trap 'for p in "${CHILDREN[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 echo "bench: files in $WORK; $N WebRTC<->RTP calls, $HOLD_S s each, window $WINDOW_S s"
 
 BIN=$(crossbar_bin)
