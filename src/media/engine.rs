@@ -234,7 +234,7 @@ impl Shard {
         Ok(())
     }
 
-    /// Queues a command and wakes the thread (one eventfd write per burst).
+    /// Queues a command; wakes the thread if it is urgent (one eventfd write per burst).
     pub(crate) fn send(&self, cmd: Cmd) {
         let wake = {
             let mut m = self.cmds.lock();
@@ -248,7 +248,6 @@ impl Shard {
             let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
         }
     }
-
 }
 
 /// The thread's state of one session.
