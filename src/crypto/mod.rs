@@ -12,14 +12,21 @@
 //! Sealed value format (all integers big-endian):
 //!
 //! ```text
-//! version (1 byte = 1) | key id (4 bytes) | nonce (24 bytes) | ciphertext + tag (16 bytes)
+//! version 2: 2 (1 byte) | key id (4 bytes) | nonce (12 bytes) | ciphertext + tag (16 bytes)
+//! version 1: 1 (1 byte) | key id (4 bytes) | nonce (24 bytes) | ciphertext + tag (16 bytes)
 //! ```
+//!
+//! New values are version 2, AES-256-GCM-SIV (RFC 8452); version 1 values, XChaCha20-Poly1305,
+//! still open. Both take random nonces safely: XChaCha20 by its 192-bit nonce, GCM-SIV by
+//! being nonce-misuse resistant (a repeated 96-bit nonce reveals at most that two equal
+//! values under it are equal, and RFC 8452 puts random nonces at well over 2^48 values per
+//! key). GCM-SIV runs on AES-NI: 2-4x faster per value on this hardware, and a call seals
+//! several (its CDR and events).
 //!
 //! The associated data is the tenant id plus record kind plus record id (or the event-stream
 //! marker), so a sealed value copied to another tenant, kind or id fails to open.
 //!
-//! XChaCha20-Poly1305 is used so nonces can be drawn at random (192 bits) without a risk of
-//! reuse, no matter how many values one key seals.
+//! Wrapped data keys stay XChaCha20-Poly1305 (they are few, and their format is unchanged).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use aes_gcm_siv::Aes256GcmSiv;
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use parking_lot::RwLock;
 use rand::RngCore;
@@ -47,11 +55,18 @@ pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
-const SEALED_VERSION: u8 = 1;
+/// Version of the values [`Keyring::seal`] writes (AES-256-GCM-SIV).
+const SEALED_VERSION: u8 = 2;
+/// Values written before: XChaCha20-Poly1305, 24-byte nonces. Still opened.
+const SEALED_VERSION_XCHACHA: u8 = 1;
+const SIV_NONCE_LEN: usize = 12;
+const SIV_HEADER_LEN: usize = 1 + 4 + SIV_NONCE_LEN;
 const WRAPPED_VERSION: u8 = 1;
 const HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
-/// Smallest possible sealed value: header plus the tag of an empty plaintext.
-const MIN_SEALED_LEN: usize = HEADER_LEN + TAG_LEN;
+/// Smallest possible sealed value (of the current version): header plus the tag of an
+/// empty plaintext.
+#[cfg(test)]
+const MIN_SEALED_LEN: usize = SIV_HEADER_LEN + TAG_LEN;
 const WRAPPED_LEN: usize = HEADER_LEN + KEY_LEN + TAG_LEN;
 
 // Domain labels keep the three uses of the AEAD apart: a wrapped key can never be accepted as
@@ -122,8 +137,8 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], CryptoError> {
 /// A nonce for a sealed value. 192 random bits from the thread's CSPRNG
 /// (ChaCha, seeded and periodically reseeded from the OS): as safe to draw at
 /// random as OS bytes, without a system call for every value sealed.
-fn value_nonce() -> [u8; NONCE_LEN] {
-    let mut out = [0u8; NONCE_LEN];
+fn value_nonce() -> [u8; SIV_NONCE_LEN] {
+    let mut out = [0u8; SIV_NONCE_LEN];
     rand::thread_rng().fill_bytes(&mut out);
     out
 }
@@ -363,12 +378,18 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// An unwrapped tenant data key. Never leaves this module; zeroized on drop.
-struct DataKey(Zeroizing<[u8; KEY_LEN]>);
+/// An unwrapped tenant data key. Never leaves this module; zeroized on drop (the key
+/// and its AES key schedule, which is expanded once here rather than per value).
+struct DataKey(Zeroizing<[u8; KEY_LEN]>, Aes256GcmSiv);
 
 impl DataKey {
+    fn new(key: Zeroizing<[u8; KEY_LEN]>) -> DataKey {
+        let siv = Aes256GcmSiv::new(key.as_slice().into());
+        DataKey(key, siv)
+    }
+
     fn generate() -> Result<Self, CryptoError> {
-        Ok(DataKey(Zeroizing::new(random_bytes::<KEY_LEN>()?)))
+        Ok(DataKey::new(Zeroizing::new(random_bytes::<KEY_LEN>()?)))
     }
 
     fn cipher(&self) -> XChaCha20Poly1305 {
@@ -438,7 +459,7 @@ impl WrappedKey {
                 .map_err(|_| failed())?,
         );
         let bytes: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| failed())?;
-        Ok(DataKey(Zeroizing::new(bytes)))
+        Ok(DataKey::new(Zeroizing::new(bytes)))
     }
 
     /// Whether `master` can unwrap this key (i.e. it was wrapped under `master`).
@@ -746,23 +767,23 @@ impl Keyring {
             .next_back()
             .ok_or_else(|| CryptoError::NoKeys(self.tenant.clone()))?;
         // Encrypted in place in the output: one allocation per sealed value.
-        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+        let mut out = Vec::with_capacity(SIV_HEADER_LEN + plaintext.len() + TAG_LEN);
         out.push(SEALED_VERSION);
         out.extend_from_slice(&id.0.to_be_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
         let tag = key
-            .cipher()
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut out[HEADER_LEN..])
+            .1
+            .encrypt_in_place_detached(aes_gcm_siv::Nonce::from_slice(&nonce), &aad, &mut out[SIV_HEADER_LEN..])
             .map_err(|_| CryptoError::SealFailed("sealing a value failed"))?;
         out.extend_from_slice(&tag);
         Ok(out)
     }
 
-    /// Decrypts a value sealed by [`seal`](Self::seal) for this tenant and `ctx`.
+    /// Decrypts a value sealed by [`seal`](Self::seal) for this tenant and `ctx` (or by an
+    /// older crossbar, with XChaCha20-Poly1305).
     pub fn open(&self, ctx: SealContext<'_>, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let key_id = sealed_key_id(sealed)?;
-        let (_, nonce) = parse_header(sealed);
         let aad = self.aad(ctx);
         let s = self.state.read();
         if s.destroyed {
@@ -775,29 +796,33 @@ impl Keyring {
                 tenant: self.tenant.clone(),
                 key_id,
             })?;
-        key.cipher()
-            .decrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &sealed[HEADER_LEN..],
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| CryptoError::OpenFailed {
-                tenant: self.tenant.clone(),
-            })
+        let opened = if sealed[0] == SEALED_VERSION {
+            let nonce = aes_gcm_siv::Nonce::from_slice(&sealed[5..SIV_HEADER_LEN]);
+            key.1.decrypt(nonce, Payload { msg: &sealed[SIV_HEADER_LEN..], aad: &aad })
+        } else {
+            let (_, nonce) = parse_header(sealed);
+            key.cipher().decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed[HEADER_LEN..], aad: &aad })
+        };
+        opened.map_err(|_| CryptoError::OpenFailed {
+            tenant: self.tenant.clone(),
+        })
     }
 }
 
 /// The key id a sealed value was written with (checks version and length).
 pub fn sealed_key_id(sealed: &[u8]) -> Result<KeyId, CryptoError> {
-    if sealed.len() < MIN_SEALED_LEN {
+    let header = match sealed.first() {
+        None => return Err(CryptoError::Malformed("too short")),
+        Some(&SEALED_VERSION) => SIV_HEADER_LEN,
+        Some(&SEALED_VERSION_XCHACHA) => HEADER_LEN,
+        Some(_) => return Err(CryptoError::Malformed("unknown format version")),
+    };
+    if sealed.len() < header + TAG_LEN {
         return Err(CryptoError::Malformed("too short"));
     }
-    if sealed[0] != SEALED_VERSION {
-        return Err(CryptoError::Malformed("unknown format version"));
-    }
-    Ok(parse_header(sealed).0)
+    let mut id = [0u8; 4];
+    id.copy_from_slice(&sealed[1..5]);
+    Ok(KeyId(u32::from_be_bytes(id)))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ fn rec(kind: RecordKind, id: &str) -> SealContext<'_> {
 /// with the *same* key so that only the associated data differs.
 fn keyring_with(tenant: &str, key: [u8; KEY_LEN]) -> Keyring {
     let mut keys = BTreeMap::new();
-    keys.insert(KeyId(1), DataKey(Zeroizing::new(key)));
+    keys.insert(KeyId(1), DataKey::new(Zeroizing::new(key)));
     Keyring {
         tenant: t(tenant),
         state: RwLock::new(KeyringState {
@@ -52,6 +52,41 @@ fn seal_open_round_trip() {
     let a = kr.seal(rec(RecordKind::Config, "x"), b"same").unwrap();
     let b = kr.seal(rec(RecordKind::Config, "x"), b"same").unwrap();
     assert_ne!(a, b);
+}
+
+/// A value as crossbar sealed it before version 2: XChaCha20-Poly1305, 24-byte nonce.
+fn seal_v1(kr: &Keyring, ctx: SealContext<'_>, pt: &[u8]) -> Vec<u8> {
+    let aad = kr.aad(ctx);
+    let s = kr.state.read();
+    let (id, key) = s.keys.iter().next_back().unwrap();
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let ct = key.cipher().encrypt(XNonce::from_slice(&nonce), Payload { msg: pt, aad: &aad }).unwrap();
+    let mut out = vec![SEALED_VERSION_XCHACHA];
+    out.extend_from_slice(&id.0.to_be_bytes());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+#[test]
+fn values_sealed_by_the_previous_version_still_open() {
+    let master = MasterKey::generate().unwrap();
+    let (kr, _) = Keyring::generate(&t("acme"), &master).unwrap();
+    let ctx = rec(RecordKind::Cdr, "1700000000000-00ff");
+    let old = seal_v1(&kr, ctx, b"{\"disposition\":\"answered\"}");
+    assert_eq!(old.len(), HEADER_LEN + 26 + TAG_LEN);
+    assert_eq!(sealed_key_id(&old).unwrap(), KeyId(1));
+    assert_eq!(kr.open(ctx, &old).unwrap(), b"{\"disposition\":\"answered\"}");
+    // Its context binding holds as before.
+    assert!(matches!(kr.open(rec(RecordKind::Cdr, "other"), &old), Err(CryptoError::OpenFailed { .. })));
+    let mut flipped = old.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    assert!(kr.open(ctx, &flipped).is_err());
+    // New values are version 2, and a version-2 header on version-1 bytes does not open.
+    assert_eq!(kr.seal(ctx, b"x").unwrap()[0], 2);
+    let mut relabelled = old.clone();
+    relabelled[0] = 2;
+    assert!(kr.open(ctx, &relabelled).is_err());
 }
 
 #[test]
@@ -132,7 +167,7 @@ fn tampering_fails_without_panicking() {
     extended.push(0);
     assert!(kr.open(ctx, &extended).is_err());
     let mut version = sealed.clone();
-    version[0] = 2;
+    version[0] = 3;
     assert!(matches!(
         kr.open(ctx, &version),
         Err(CryptoError::Malformed(_))

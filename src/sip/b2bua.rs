@@ -264,6 +264,8 @@ pub struct B2bua {
     media_a: SocketAddr,
     media_b: SocketAddr,
     ring_deadline: Option<Instant>,
+    /// When A gets a 100 Trying if it has had no response by then (see [`TRYING_DELAY`]).
+    trying_at: Option<Instant>,
     out: VecDeque<CallOutput>,
     ended: Option<EndInfo>,
     sdp_adapter: Option<std::sync::Arc<dyn SdpAdapter>>,
@@ -276,9 +278,18 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// A caller's INVITE is answered 100 Trying only when the callee has not rung or
+/// answered within this time. RFC 3261 §17.2.1 requires the 100 when the TU will not
+/// send a provisional within 200 ms, and leaves it out otherwise: most callees ring
+/// within milliseconds, and their 180 stops the caller's retransmissions just the
+/// same, so a call is spared a message each way. Well under 200 ms, so that a busy
+/// node still sends it in time.
+pub const TRYING_DELAY: Duration = Duration::from_millis(100);
+
 impl B2bua {
-    /// Starts the call: answers 100 to A and sends the INVITE to B. The setup
-    /// is only read: on a refusal its caller still has it to answer A.
+    /// Starts the call: sends the INVITE to B (A gets 100 Trying only if B has not
+    /// rung or answered within [`TRYING_DELAY`]). The setup is only read: on a
+    /// refusal its caller still has it to answer A.
     pub fn new(setup: &CallSetup, now: Instant) -> Result<B2bua, Refusal> {
         let a_req = &setup.a_invite;
         let late_offer = a_req.body.is_empty();
@@ -333,8 +344,7 @@ impl B2bua {
             .ok_or_else(|| Refusal { code: 500, reason: format!("cannot build an INVITE for {}", setup.b_uri) })?;
         msg::replace(&mut b_req.headers, "Max-Forwards", max_fwd.to_string());
 
-        let mut a_invite = ServerTx::new(a_req.clone(), setup.a_peer.proto.reliable(), &setup.timers, now);
-        a_invite.respond(msg::response_to(a_req, 100, None), now);
+        let a_invite = ServerTx::new(a_req.clone(), setup.a_peer.proto.reliable(), &setup.timers, now);
         let b_invite = ClientTx::new(b_req, setup.b_peer.proto.reliable(), &setup.timers, now);
 
         let mut call = B2bua {
@@ -362,6 +372,7 @@ impl B2bua {
             media_a: setup.media_a,
             media_b: setup.media_b,
             ring_deadline: Some(now + setup.ring_timeout),
+            trying_at: Some(now + TRYING_DELAY),
             out: VecDeque::new(),
             ended: None,
             sdp_adapter: setup.sdp_adapter.clone(),
@@ -394,6 +405,13 @@ impl B2bua {
         if self.b_give_up_at.is_some_and(|d| d <= now) {
             self.b_give_up_at = None;
             self.b_final = true;
+        }
+        if self.trying_at.is_some_and(|d| d <= now) {
+            self.trying_at = None;
+            if self.a_invite.last_response().is_none() && !self.a_invite.is_terminated() {
+                let trying = msg::response_to(self.a_invite.request(), 100, None);
+                self.a_invite.respond(trying, now);
+            }
         }
         if self.ring_deadline.is_some_and(|d| d <= now) {
             self.ring_deadline = None;
@@ -436,6 +454,9 @@ impl B2bua {
         let mut next = self.ring_deadline.filter(|_| self.state == State::Calling);
         if let Some(g) = self.b_give_up_at {
             next = Some(next.map_or(g, |n| n.min(g)));
+        }
+        if let Some(t) = self.trying_at.filter(|_| self.a_invite.last_response().is_none()) {
+            next = Some(next.map_or(t, |n| n.min(t)));
         }
         let mut take = |t: Option<Instant>| {
             if let Some(t) = t {
