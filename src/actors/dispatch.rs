@@ -61,7 +61,7 @@ impl Sink for Node {
                 self.send(peer, msg::response_bytes(&r));
             }
             Method::Register => {
-                let domain = host_of(&incoming.to_uri);
+                let domain = incoming.to_uri().map(host_of).unwrap_or_default();
                 let tenant = self.routing.read().by_domain.get(&domain).cloned();
                 match tenant {
                     Some(t) => {
@@ -91,7 +91,7 @@ impl Sink for Node {
                         None => return refuse(404, "unknown number (DID)"),
                     }
                 } else {
-                    let domain = host_of(&incoming.from_uri);
+                    let domain = incoming.from_uri().map(host_of).unwrap_or_default();
                     match self.routing.read().by_domain.get(&domain).cloned() {
                         Some(t) => t,
                         None => return refuse(403, "unknown domain: calls must come from a tenant's users or a carrier trunk"),

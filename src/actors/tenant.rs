@@ -283,7 +283,7 @@ impl TenantState {
     }
 
     fn on_register(&mut self, m: &Incoming, req: &Request) {
-        let user = m.to_uri.user().unwrap_or("").to_string();
+        let user = m.to_uri().and_then(|u| u.user()).unwrap_or("").to_string();
         match self.authenticate(m, req, "Authorization") {
             Auth::Challenge { stale } => self.challenge(m, req, 401, stale),
             Auth::Refused(why) => self.respond(m, req, 403, why),
@@ -319,7 +319,7 @@ impl TenantState {
         let from_carrier = node.carrier_sources.contains(&m.peer.addr.ip());
         let now = Instant::now();
         // Route: (callee URI, where to send, From towards the callee, To towards the callee).
-        let caller = m.from_uri.user().unwrap_or("anonymous").to_string();
+        let caller = m.from_uri().and_then(|u| u.user()).unwrap_or("anonymous").to_string();
         let dialled = req.uri.user().unwrap_or("").to_string();
         let mut did_used: Option<String> = None;
         let mut direction = cdr::Direction::Internal;
@@ -339,7 +339,7 @@ impl TenantState {
                 Auth::Refused(why) => return self.respond(&m, &req, 403, why),
                 Auth::User(u) => u,
             };
-            if m.from_uri.user() != Some(user.as_str()) {
+            if m.from_uri().and_then(|u| u.user()) != Some(user.as_str()) {
                 return self.respond(&m, &req, 403, "From does not match the authenticated user");
             }
             let target = req.uri.user().unwrap_or("").to_string();

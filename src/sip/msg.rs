@@ -97,8 +97,9 @@ pub struct Incoming {
     pub cseq_method: Method,
     pub from_tag: Option<String>,
     pub to_tag: Option<String>,
-    pub from_uri: Uri,
-    pub to_uri: Uri,
+    /// Requests only: the From and To URIs, parsed (and so checked) at validation.
+    /// Nothing routes on a response's, which is matched by Call-ID and tags.
+    uris: Option<Box<(Uri, Uri)>>,
 }
 
 impl Incoming {
@@ -139,8 +140,18 @@ impl Incoming {
         }
         let call_id = call_id.map(str::trim).filter(|v| !v.is_empty()).ok_or(MessageError::Header("Call-ID"))?;
         let (cseq, cseq_method) = cseq.and_then(parse_cseq).ok_or(MessageError::Header("CSeq"))?;
-        let from = from.filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::From::parse(v).ok()).ok_or(MessageError::Header("From"))?;
-        let to = to.filter(|v| name_addr_ok(v)).and_then(|v| rsipstack::sip::typed::To::parse(v).ok()).ok_or(MessageError::Header("To"))?;
+        let from = from.filter(|v| name_addr_ok(v)).ok_or(MessageError::Header("From"))?;
+        let to = to.filter(|v| name_addr_ok(v)).ok_or(MessageError::Header("To"))?;
+        // A request's From and To are parsed in full (a malformed one gets a 400); a
+        // response's only need their tags.
+        let (from_tag, to_tag, uris) = if matches!(msg, SipMessage::Request(_)) {
+            let from = rsipstack::sip::typed::From::parse(from).map_err(|_| MessageError::Header("From"))?;
+            let to = rsipstack::sip::typed::To::parse(to).map_err(|_| MessageError::Header("To"))?;
+            (from.tag().map(|t| t.to_string()), to.tag().map(|t| t.to_string()), Some(Box::new((from.uri, to.uri))))
+        } else {
+            let tag = |v: &str| param(v, "tag").filter(|t| !t.is_empty()).map(str::to_string);
+            (tag(from), tag(to), None)
+        };
         if !contacts_ok {
             return Err(MessageError::Header("Contact"));
         }
@@ -167,13 +178,22 @@ impl Incoming {
             call_id: call_id.to_string(),
             cseq,
             cseq_method,
-            from_tag: from.tag().map(|t| t.to_string()),
-            to_tag: to.tag().map(|t| t.to_string()),
-            from_uri: from.uri,
-            to_uri: to.uri,
+            from_tag,
+            to_tag,
+            uris,
             peer,
             msg,
         })
+    }
+
+    /// A request's From URI (None for a response).
+    pub fn from_uri(&self) -> Option<&Uri> {
+        self.uris.as_deref().map(|(from, _)| from)
+    }
+
+    /// A request's To URI (None for a response).
+    pub fn to_uri(&self) -> Option<&Uri> {
+        self.uris.as_deref().map(|(_, to)| to)
     }
 
     pub fn request(&self) -> Option<&Request> {
@@ -598,7 +618,18 @@ mod tests {
         assert_eq!(m.cseq, 1);
         assert_eq!(m.from_tag.as_deref(), Some("abc"));
         assert_eq!(m.to_tag, None);
-        assert_eq!(m.to_uri.user(), Some("1001"));
+        assert_eq!(m.to_uri().and_then(|u| u.user()), Some("1001"));
+        assert_eq!(m.from_uri().and_then(|u| u.user()), Some("a"), "{INVITE}");
+        // A response: tags only, in either header form, and no URIs.
+        let resp = "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: \"A; b\" <sip:a@x;tag=uri-param>;tag=f1\r\nTo: sip:b@y;tag=t2\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let r = Incoming::parse(resp.as_bytes(), peer()).unwrap();
+        assert_eq!((r.from_tag.as_deref(), r.to_tag.as_deref()), (Some("f1"), Some("t2")));
+        assert!(r.from_uri().is_none() && r.to_uri().is_none());
+        let untagged = resp.replace(";tag=t2", "");
+        assert_eq!(Incoming::parse(untagged.as_bytes(), peer()).unwrap().to_tag, None);
+        // A response's From or To that is no name-addr is still refused.
+        let bad = resp.replace("To: sip:b@y;tag=t2", "To: <sip:b@y");
+        assert!(matches!(Incoming::parse(bad.as_bytes(), peer()), Err(MessageError::Header("To"))));
     }
 
     #[test]
