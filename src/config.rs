@@ -124,6 +124,12 @@ pub struct SipSection {
     /// How long a call may ring before crossbar gives up (408 to the caller).
     #[serde(default = "default_ring_timeout")]
     pub ring_timeout_s: u64,
+    /// A new call whose INVITE has already waited this long inside crossbar (the node
+    /// is short of CPU) is refused at once with 503 and Retry-After, so that the calls
+    /// already admitted keep their pace instead of all slowing into retransmissions.
+    /// 0 turns it off.
+    #[serde(default = "default_overload_wait")]
+    pub overload_wait_ms: u64,
     /// Registration expiry bounds in seconds.
     #[serde(default = "default_min_expires")]
     pub min_expires: u32,
@@ -359,6 +365,10 @@ fn default_t2() -> u64 {
 fn default_t4() -> u64 {
     5000
 }
+fn default_overload_wait() -> u64 {
+    250
+}
+
 fn default_ring_timeout() -> u64 {
     120
 }
@@ -461,6 +471,9 @@ impl Config {
         }
         if self.sip.t1_ms == 0 || self.sip.t2_ms < self.sip.t1_ms {
             return Err(ConfigError::new(f, "sip.t1_ms", "T1 must be > 0 and T2 >= T1", "use the RFC 3261 defaults t1_ms = 500, t2_ms = 4000"));
+        }
+        if self.sip.overload_wait_ms > 60_000 {
+            return Err(ConfigError::new(f, "sip.overload_wait_ms", format!("{} ms", self.sip.overload_wait_ms), "use a wait below T1 (e.g. the default 250), or 0 to turn the check off"));
         }
         if self.sip.min_expires == 0 || self.sip.max_expires < self.sip.min_expires {
             return Err(ConfigError::new(f, "sip.min_expires", "min_expires must be > 0 and <= max_expires", "e.g. min_expires = 60, max_expires = 3600"));
@@ -655,6 +668,14 @@ rtp_port_max = 20100
         std::fs::remove_file(dir.join("tenants/b.toml")).unwrap();
         let e = Config::load(&dir.join("node.toml")).unwrap_err();
         assert_eq!(e.field, "media.rtp_port_min");
+
+        write(&dir, "node.toml", NODE);
+        assert_eq!(Config::load(&dir.join("node.toml")).unwrap().sip.overload_wait_ms, 250);
+        write(&dir, "node.toml", &NODE.replace("[media]", "overload_wait_ms = 90000\n[media]"));
+        let e = Config::load(&dir.join("node.toml")).unwrap_err();
+        assert_eq!(e.field, "sip.overload_wait_ms");
+        write(&dir, "node.toml", &NODE.replace("[media]", "overload_wait_ms = 0\n[media]"));
+        assert_eq!(Config::load(&dir.join("node.toml")).unwrap().sip.overload_wait_ms, 0);
 
         write(&dir, "node.toml", &format!("{NODE}threads = 0\n"));
         let e = Config::load(&dir.join("node.toml")).unwrap_err();

@@ -479,3 +479,50 @@ fn carrier_late_offer_to_registered_extension_rtp_both_ways() {
     assert_rtp_both_ways(&cb, &call, 75);
     assert!(rx_bytes > 0 || rx_drops > 0, "no RTP reached the caller's socket {media}");
 }
+
+// Overload -------------------------------------------------------------------
+
+/// A carrier INVITE for acme's DID from `sock` (bound on the carrier address).
+#[cfg(feature = "fault-injection")]
+fn carrier_invite(sock: &UdpSocket, cb: &Crossbar, call_id: &str, fault: Option<&str>) -> Vec<u8> {
+    let me = sock.local_addr().unwrap();
+    let fault = fault.map(|f| format!("X-Crossbar-Fault: {f}\r\n")).unwrap_or_default();
+    format!(
+        "INVITE sip:{ACME_DID}@{target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{call_id}\r\nMax-Forwards: 70\r\n\
+         From: <sip:15550009999@{ip}>;tag=t-{call_id}\r\nTo: <sip:{ACME_DID}@{target}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n\
+         Contact: <sip:carrier@{me}>\r\n{fault}Content-Length: 0\r\n\r\n",
+        target = cb.sip_addr(),
+        ip = me.ip(),
+    )
+    .into_bytes()
+}
+
+/// A new call whose INVITE waited `sip.overload_wait_ms` (250) inside the node is
+/// refused with 503 before it costs a call; once the node keeps up, calls are
+/// handled again. The wait is made with a test-only hook that holds the tenant
+/// actor up for 600 ms, as a node short of CPU would.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn new_calls_that_waited_too_long_in_an_overloaded_node_get_503() {
+    let cb = Crossbar::start(NodeConfig::new());
+    let bind = || {
+        let s = UdpSocket::bind((CARRIER, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        s
+    };
+    let (stalled, queued, later) = (bind(), bind(), bind());
+    stalled.send_to(&carrier_invite(&stalled, &cb, "ovl-1", Some("stall-tenant")), cb.sip_addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    queued.send_to(&carrier_invite(&queued, &cb, "ovl-2", None), cb.sip_addr()).unwrap();
+    for (name, sock) in [("stalled", &stalled), ("queued", &queued)] {
+        let resp = collect_final(sock, Duration::from_secs(5)).map(|m| String::from_utf8_lossy(&m).into_owned());
+        let resp = resp.unwrap_or_else(|| panic!("no final response to the {name} INVITE\n{}", cb.report()));
+        assert_eq!(status_code(resp.as_bytes()), Some(503), "{name}: {resp}\n{}", cb.report());
+        assert!(header(&resp, "Reason").is_some_and(|r| r.contains("node overloaded")), "{name}: {resp}");
+        assert_eq!(header(&resp, "Retry-After"), Some("1"), "{name}: {resp}");
+    }
+    // The node keeps up again: the next call is routed (1001 is not registered: 480).
+    let resp = udp_exchange(&later, cb.sip_addr(), &carrier_invite(&later, &cb, "ovl-3", None), Duration::from_secs(5));
+    assert_eq!(resp.as_deref().and_then(status_code), Some(480), "{}", cb.report());
+    assert!(cb.stderr_lines().iter().any(|l| l.contains("node overloaded: new calls refused with 503")), "{}", cb.report());
+}

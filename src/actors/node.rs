@@ -48,6 +48,8 @@ pub struct Node {
     pub timers: TimerConfig,
     /// Calls in progress on this node (admission: `node.max_calls`).
     pub active_calls: AtomicUsize,
+    /// New calls refused because the node was overloaded (`sip.overload_wait_ms`).
+    pub overload_refused: AtomicUsize,
     pub vault: Vault,
     /// Group-commits CDRs and events.
     pub writer: RecordWriter,
@@ -178,6 +180,7 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
         nonces: NonceSecret::generate(),
         timers: TimerConfig { t1, t2, t4 },
         active_calls: AtomicUsize::new(0),
+        overload_refused: AtomicUsize::new(0),
         vault,
         writer,
     });

@@ -136,6 +136,11 @@ impl Actor for Tenant {
                 if m.header("X-Crossbar-Fault").is_some_and(|v| v.trim() == "panic-tenant") {
                     panic!("fault injection: tenant {} panics on purpose", state.cfg.id);
                 }
+                // Test-only: the tenant is held up, as on a node short of CPU.
+                #[cfg(feature = "fault-injection")]
+                if m.header("X-Crossbar-Fault").is_some_and(|v| v.trim() == "stall-tenant") {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                }
                 let Some(req) = m.request().cloned() else { return Ok(()) };
                 match req.method {
                     Method::Register => state.on_register(&m, &req),
@@ -214,6 +219,28 @@ impl TenantState {
         self.cfg = next;
         self.limits = limits;
         Ok(limits)
+    }
+
+    /// A new INVITE that already waited `sip.overload_wait_ms` inside the node (its
+    /// queues grow: the node is short of CPU) is refused here, before it costs a call:
+    /// 503 with Retry-After, and no store write (a warning every 1,000th time).
+    /// Returns whether it was refused.
+    fn overloaded(&self, m: &Incoming, req: &Request) -> bool {
+        let node = self.node();
+        let limit = node.config.sip.overload_wait_ms;
+        let waited = m.received.elapsed();
+        if limit == 0 || waited < Duration::from_millis(limit) {
+            return false;
+        }
+        let n = node.overload_refused.fetch_add(1, Ordering::Relaxed);
+        if n % 1000 == 0 {
+            tracing::warn!(tenant = %self.cfg.id, waited_ms = waited.as_millis() as u64, refused = n + 1, "node overloaded: new calls refused with 503 (sip.overload_wait_ms = {limit})");
+        }
+        let mut r = msg::refusal(req, 503, Some(&stateless_tag(m)), &self.host(), "node overloaded");
+        msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"node overloaded\"");
+        msg::push(&mut r.headers, "Retry-After", "1");
+        node.send(m.peer, msg::response_bytes(&r));
+        true
     }
 
     /// Refuses a new call over a limit: 503 with a Reason naming the limit, and an event.
@@ -315,6 +342,9 @@ impl TenantState {
             return;
         }
         let node = self.node().clone();
+        if self.overloaded(&m, &req) {
+            return;
+        }
         let cfg = &self.cfg;
         let from_carrier = node.carrier_sources.contains(&m.peer.addr.ip());
         let now = Instant::now();

@@ -92,6 +92,8 @@ impl MessageError {
 pub struct Incoming {
     pub msg: SipMessage,
     pub peer: Peer,
+    /// When it was parsed, just off the wire: how long it waits inside crossbar.
+    pub received: std::time::Instant,
     pub call_id: String,
     pub cseq: u32,
     pub cseq_method: Method,
@@ -182,6 +184,7 @@ impl Incoming {
             to_tag,
             uris,
             peer,
+            received: std::time::Instant::now(),
             msg,
         })
     }
