@@ -233,7 +233,7 @@ impl TenantState {
             return false;
         }
         let n = node.overload_refused.fetch_add(1, Ordering::Relaxed);
-        if n % 1000 == 0 {
+        if n.is_multiple_of(1000) {
             tracing::warn!(tenant = %self.cfg.id, waited_ms = waited.as_millis() as u64, refused = n + 1, "node overloaded: new calls refused with 503 (sip.overload_wait_ms = {limit})");
         }
         let mut r = msg::refusal(req, 503, Some(&stateless_tag(m)), &self.host(), "node overloaded");
