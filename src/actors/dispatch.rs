@@ -78,9 +78,7 @@ impl Sink for Node {
             }
             Method::Invite if incoming.to_tag.is_none() => {
                 if self.active_calls.load(Ordering::Relaxed) >= self.config.node.max_calls {
-                    let mut r = msg::refusal(req, 503, Some(&stateless_tag(&incoming)), &host(), "node call limit reached");
-                    msg::push(&mut r.headers, "Retry-After", "5");
-                    msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"node call limit\"");
+                    let r = msg::unavailable(req, &stateless_tag(&incoming), &host(), "node call limit reached", "node call limit", 5);
                     self.send(peer, msg::response_bytes(&r));
                     return;
                 }
@@ -113,9 +111,7 @@ impl Node {
         if t.pending.fetch_add(1, Ordering::Relaxed) >= super::node::TENANT_QUEUE_LIMIT {
             t.pending.fetch_sub(1, Ordering::Relaxed);
             if let Some(req) = m.request() {
-                let mut r = msg::refusal(req, 503, Some(&stateless_tag(&m)), &self.advertised_ip.to_string(), "tenant overloaded");
-                msg::push(&mut r.headers, "Retry-After", "1");
-                msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"tenant request queue full\"");
+                let r = msg::unavailable(req, &stateless_tag(&m), &self.advertised_ip.to_string(), "tenant overloaded", "tenant request queue full", 1);
                 self.send(m.peer, msg::response_bytes(&r));
             }
             return;

@@ -236,18 +236,14 @@ impl TenantState {
         if n.is_multiple_of(1000) {
             tracing::warn!(tenant = %self.cfg.id, waited_ms = waited.as_millis() as u64, refused = n + 1, "node overloaded: new calls refused with 503 (sip.overload_wait_ms = {limit})");
         }
-        let mut r = msg::refusal(req, 503, Some(&stateless_tag(m)), &self.host(), "node overloaded");
-        msg::push(&mut r.headers, "Reason", "SIP;cause=503;text=\"node overloaded\"");
-        msg::push(&mut r.headers, "Retry-After", "1");
+        let r = msg::unavailable(req, &stateless_tag(m), &self.host(), "node overloaded", "node overloaded", 1);
         node.send(m.peer, msg::response_bytes(&r));
         true
     }
 
     /// Refuses a new call over a limit: 503 with a Reason naming the limit, and an event.
     fn refuse_limit(&self, m: &Incoming, req: &Request, what: &str) {
-        let mut r = msg::refusal(req, 503, Some(&stateless_tag(m)), &self.host(), what);
-        msg::push(&mut r.headers, "Reason", format!("SIP;cause=503;text=\"{what}\""));
-        msg::push(&mut r.headers, "Retry-After", "1");
+        let r = msg::unavailable(req, &stateless_tag(m), &self.host(), what, what, 1);
         self.node().send(m.peer, msg::response_bytes(&r));
         cdr::emit(&self.node().writer, &self.args.store, Event::new("limit.refused", None, Some(what.to_string())));
     }

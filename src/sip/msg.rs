@@ -493,6 +493,16 @@ pub fn refusal(req: &Request, code: u16, to_tag: Option<&str>, host: &str, why: 
     r
 }
 
+/// A 503 for a request refused for want of capacity or over a limit: the Warning
+/// says why, the Reason (RFC 3326) names it for machines, and Retry-After says
+/// when to try again.
+pub fn unavailable(req: &Request, to_tag: &str, host: &str, why: &str, reason: &str, retry_after_s: u32) -> Response {
+    let mut r = refusal(req, 503, Some(to_tag), host, why);
+    push(&mut r.headers, "Retry-After", retry_after_s.to_string());
+    push(&mut r.headers, "Reason", format!("SIP;cause=503;text=\"{}\"", reason.replace('"', "'")));
+    r
+}
+
 /// A 400 for bytes that rsipstack could not parse (or that failed validation),
 /// built from their raw header lines so that even a broken request gets an
 /// answer saying what is wrong. `None` for responses and for garbage without
