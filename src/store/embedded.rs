@@ -3,7 +3,11 @@
 //! Tables:
 //! * `records`: `"{tenant}/{kind}/{id}"` → sealed bytes. Tenant ids cannot contain `/`, so the
 //!   prefix `"{tenant}/"` selects exactly one tenant and byte order gives id order.
-//! * `events`: `(tenant, seq)` → sealed bytes.
+//! * `event_segments`: `(tenant, first seq)` → the events of one commit, in order,
+//!   each as a little-endian `u32` length and its sealed bytes. A busy tenant's
+//!   events cost one B-tree insert per commit instead of one each.
+//! * `events`: `(tenant, seq)` → sealed bytes, one event per entry: written by
+//!   earlier versions, still read (their sequence numbers all precede the segments').
 //! * `node`: node key → bytes; a separate table, so tenant paths can never reach it.
 //!
 //! redb is synchronous, so every call runs on tokio's blocking pool. Write transactions use
@@ -21,6 +25,7 @@ use super::{check_page, BatchOp, NodeKey, RecordKind, Store, StoreError, StoreKe
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const SEGMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("event_segments");
 const NODE: TableDefinition<&str, &[u8]> = TableDefinition::new("node");
 
 /// File name of the database inside the data directory.
@@ -65,6 +70,65 @@ fn prefix_end(prefix: &str) -> String {
     end
 }
 
+/// Appends one event to a segment being built.
+fn push_event(segment: &mut Vec<u8>, event: &[u8]) {
+    segment.extend_from_slice(&(event.len() as u32).to_le_bytes());
+    segment.extend_from_slice(event);
+}
+
+/// The events of a segment, in order; a malformed segment is reported as corrupt.
+fn segment_events<'a>(tenant: &str, first: u64, segment: &'a [u8]) -> Result<Vec<&'a [u8]>, StoreError> {
+    let mut out = Vec::new();
+    let mut rest = segment;
+    while !rest.is_empty() {
+        let len = rest.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        match len.and_then(|n| rest.get(4..4 + n)) {
+            Some(event) => {
+                out.push(event);
+                rest = &rest[4 + event.len()..];
+            }
+            None => {
+                return Err(StoreError::Corrupt {
+                    what: format!("event segment {first} of tenant {tenant}"),
+                    detail: format!("truncated after {} events", out.len()),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+type EventTable<'a> = redb::Table<'a, (&'static str, u64), &'static [u8]>;
+
+/// The tenant's last event sequence number (0 before its first event).
+fn last_seq(segments: &EventTable, legacy: &EventTable, tenant: &str) -> Result<u64, StoreError> {
+    let e = |e: redb::StorageError| StoreError::embedded("last event", e);
+    let range = (tenant, 0)..=(tenant, u64::MAX);
+    if let Some((k, v)) = segments.range::<(&str, u64)>(range.clone()).map_err(e)?.next_back().transpose().map_err(e)? {
+        let first = k.value().1;
+        let n = segment_events(tenant, first, v.value())?.len() as u64;
+        return Ok(first + n.max(1) - 1);
+    }
+    Ok(legacy.range::<(&str, u64)>(range).map_err(e)?.next_back().transpose().map_err(e)?.map(|(k, _)| k.value().1).unwrap_or(0))
+}
+
+/// Appends `events` (sealed) as one segment; returns the sequence number of the last.
+fn append_segment(segments: &mut EventTable, legacy: &EventTable, tenant: &str, events: &[&[u8]]) -> Result<u64, StoreError> {
+    let first = last_seq(segments, legacy, tenant)?.checked_add(1).filter(|f| f.checked_add(events.len() as u64).is_some()).ok_or_else(|| StoreError::Corrupt {
+        what: format!("event stream of tenant {tenant}"),
+        detail: "sequence number overflow".into(),
+    })?;
+    if let Some(big) = events.iter().find(|e| u32::try_from(e.len()).is_err()) {
+        return Err(StoreError::Corrupt { what: format!("event of tenant {tenant}"), detail: format!("{} bytes: larger than an event can be", big.len()) });
+    }
+    let mut segment = Vec::with_capacity(events.iter().map(|e| e.len() + 4).sum());
+    for ev in events {
+        push_event(&mut segment, ev);
+    }
+    segments.insert((tenant, first), segment.as_slice()).map_err(|e| StoreError::embedded("append events", e))?;
+    Ok(first + events.len() as u64 - 1)
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) `crossbar.redb` in `data_dir`, creating the directory if needed.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
@@ -89,6 +153,7 @@ impl EmbeddedStore {
             let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
             tx.open_table(RECORDS).map_err(|e| open_err(e.into()))?;
             tx.open_table(EVENTS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(SEGMENTS).map_err(|e| open_err(e.into()))?;
             tx.open_table(NODE).map_err(|e| open_err(e.into()))?;
             tx.commit().map_err(|e| open_err(e.into()))?;
             Ok(db)
@@ -162,9 +227,9 @@ impl Store for EmbeddedStore {
             tx.set_durability(if sync { redb::Durability::Immediate } else { redb::Durability::Eventual });
             {
                 let mut records = tx.open_table(RECORDS).map_err(|e| StoreError::embedded("write_batch", e))?;
-                let mut events = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("write_batch", e))?;
-                // Sequence numbers: one lookup per tenant and batch, not per event.
-                let mut next_seq: HashMap<&str, u64> = HashMap::new();
+                // Events grouped by tenant, in order: one segment per tenant.
+                let mut events: Vec<(&str, Vec<&[u8]>)> = Vec::new();
+                let mut by_tenant: HashMap<&str, usize> = HashMap::new();
                 // One buffer for every record key of the batch.
                 let mut key = String::new();
                 for op in latest_record_ops(&ops) {
@@ -180,24 +245,19 @@ impl Store for EmbeddedStore {
                             records.remove(key.as_str()).map_err(e)?;
                         }
                         BatchOp::Event(t, v) => {
-                            let t = t.as_str();
-                            let seq = match next_seq.get_mut(t) {
-                                Some(seq) => seq,
-                                None => {
-                                    let last = events
-                                        .range::<(&str, u64)>((t, 0)..=(t, u64::MAX))
-                                        .map_err(e)?
-                                        .next_back()
-                                        .transpose()
-                                        .map_err(e)?
-                                        .map(|(k, _)| k.value().1)
-                                        .unwrap_or(0);
-                                    next_seq.entry(t).or_insert(last)
-                                }
-                            };
-                            *seq += 1;
-                            events.insert((t, *seq), v.as_slice()).map_err(e)?;
+                            let i = *by_tenant.entry(t.as_str()).or_insert_with(|| {
+                                events.push((t.as_str(), Vec::new()));
+                                events.len() - 1
+                            });
+                            events[i].1.push(v);
                         }
+                    }
+                }
+                if !events.is_empty() {
+                    let mut segments = tx.open_table(SEGMENTS).map_err(|e| StoreError::embedded("write_batch", e))?;
+                    let legacy = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("write_batch", e))?;
+                    for (t, evs) in &events {
+                        append_segment(&mut segments, &legacy, t, evs)?;
                     }
                 }
             }
@@ -328,6 +388,14 @@ impl Store for EmbeddedStore {
                     },
                 )
                 .map_err(err)?;
+                let mut segments = tx.open_table(SEGMENTS).map_err(|e| StoreError::embedded("delete_tenant", e))?;
+                segments
+                    .retain_in::<(&str, u64), _>((tenant.as_str(), 0)..=(tenant.as_str(), u64::MAX), |(_, first), v| {
+                        // A damaged segment goes too (counted as one): the tenant is being shredded.
+                        removed += segment_events(&tenant, first, v).map_or(1, |evs| evs.len() as u64);
+                        false
+                    })
+                    .map_err(err)?;
             }
             tx.commit()
                 .map_err(|e| StoreError::embedded("delete_tenant", e))?;
@@ -339,33 +407,14 @@ impl Store for EmbeddedStore {
     async fn append_event(&self, tenant: &TenantId, data: Vec<u8>) -> Result<u64, StoreError> {
         let tenant = tenant.as_str().to_string();
         self.run(move |db| {
-            let err = |e: redb::StorageError| StoreError::embedded("append_event", e);
-            let tx = db
-                .begin_write()
-                .map_err(|e| StoreError::embedded("append_event", e))?;
+            let tx = db.begin_write().map_err(|e| StoreError::embedded("append_event", e))?;
             let seq = {
-                let mut t = tx
-                    .open_table(EVENTS)
-                    .map_err(|e| StoreError::embedded("append_event", e))?;
+                let mut segments = tx.open_table(SEGMENTS).map_err(|e| StoreError::embedded("append_event", e))?;
+                let legacy = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("append_event", e))?;
                 // The write transaction is exclusive, so last + 1 cannot race.
-                let last = t
-                    .range::<(&str, u64)>((tenant.as_str(), 0)..=(tenant.as_str(), u64::MAX))
-                    .map_err(err)?
-                    .next_back()
-                    .transpose()
-                    .map_err(err)?
-                    .map(|(k, _)| k.value().1)
-                    .unwrap_or(0);
-                let seq = last.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                    what: format!("event stream of tenant {tenant}"),
-                    detail: "sequence number overflow".into(),
-                })?;
-                t.insert((tenant.as_str(), seq), data.as_slice())
-                    .map_err(err)?;
-                seq
+                append_segment(&mut segments, &legacy, &tenant, &[data.as_slice()])?
             };
-            tx.commit()
-                .map_err(|e| StoreError::embedded("append_event", e))?;
+            tx.commit().map_err(|e| StoreError::embedded("append_event", e))?;
             Ok(seq)
         })
         .await
@@ -389,21 +438,39 @@ impl Store for EmbeddedStore {
             let tx = db
                 .begin_read()
                 .map_err(|e| StoreError::embedded("read_events", e))?;
-            let t = tx
-                .open_table(EVENTS)
-                .map_err(|e| StoreError::embedded("read_events", e))?;
+            let legacy = tx.open_table(EVENTS).map_err(|e| StoreError::embedded("read_events", e))?;
+            let segments = tx.open_table(SEGMENTS).map_err(|e| StoreError::embedded("read_events", e))?;
             let mut out = Vec::new();
             if limit == 0 {
                 return Ok(out);
             }
-            for entry in t
-                .range::<(&str, u64)>((tenant.as_str(), start)..=(tenant.as_str(), u64::MAX))
-                .map_err(err)?
-            {
+            let t = tenant.as_str();
+            for entry in legacy.range::<(&str, u64)>((t, start)..=(t, u64::MAX)).map_err(err)? {
                 let (k, v) = entry.map_err(err)?;
                 out.push((k.value().1, v.value().to_vec()));
                 if out.len() >= limit {
-                    break;
+                    return Ok(out);
+                }
+            }
+            // The segment holding `start` may begin before it.
+            let from = segments
+                .range::<(&str, u64)>((t, 0)..=(t, start))
+                .map_err(err)?
+                .next_back()
+                .transpose()
+                .map_err(err)?
+                .map(|(k, _)| k.value().1)
+                .unwrap_or(start);
+            for entry in segments.range::<(&str, u64)>((t, from)..=(t, u64::MAX)).map_err(err)? {
+                let (k, v) = entry.map_err(err)?;
+                let first = k.value().1;
+                for (seq, ev) in (first..).zip(segment_events(t, first, v.value())?) {
+                    if seq >= start {
+                        out.push((seq, ev.to_vec()));
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
                 }
             }
             Ok(out)
@@ -532,5 +599,87 @@ impl Store for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testutil::TempDir;
+
+    fn tenant(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    /// A store written by an earlier version: one event per entry in `events`.
+    async fn with_legacy_events(dir: &TempDir, tenant: &str, n: u64) -> EmbeddedStore {
+        let store = EmbeddedStore::open(dir.path()).await.unwrap();
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(EVENTS).unwrap();
+            for seq in 1..=n {
+                t.insert((tenant, seq), format!("old{seq}").as_bytes()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        store
+    }
+
+    fn batch(events: &[(&TenantId, &str)]) -> Arc<[BatchOp]> {
+        events.iter().map(|(t, v)| BatchOp::Event((*t).clone(), v.as_bytes().to_vec())).collect()
+    }
+
+    fn texts(evs: &[(u64, Vec<u8>)]) -> Vec<(u64, String)> {
+        evs.iter().map(|(s, v)| (*s, String::from_utf8(v.clone()).unwrap())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_stores_each_tenants_events_as_one_segment_read_back_one_by_one() {
+        let dir = TempDir::new("segments");
+        let store = EmbeddedStore::open(dir.path()).await.unwrap();
+        let (acme, globex) = (tenant("acme"), tenant("globex"));
+        store.write_batch(batch(&[(&acme, "a1"), (&globex, "g1"), (&acme, "a2"), (&acme, "a3")]), true).await.unwrap();
+        store.write_batch(batch(&[(&acme, "a4"), (&acme, "a5")]), false).await.unwrap();
+        assert_eq!(store.append_event(&acme, b"a6".to_vec()).await.unwrap(), 6, "numbering continues after the segments");
+        // One B-tree entry per tenant and commit.
+        let tx = store.db.begin_read().unwrap();
+        let segs = tx.open_table(SEGMENTS).unwrap();
+        let firsts: Vec<u64> = segs.range::<(&str, u64)>(("acme", 0)..=("acme", u64::MAX)).unwrap().map(|e| e.unwrap().0.value().1).collect();
+        assert_eq!(firsts, [1, 4, 6]);
+        let all = store.read_events(&acme, None, 100).await.unwrap();
+        assert_eq!(texts(&all), [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4"), (5, "a5"), (6, "a6")].map(|(s, v)| (s, v.to_string())));
+        // From inside a segment, with a limit that ends inside the next one.
+        let mid = store.read_events(&acme, Some(1), 3).await.unwrap();
+        assert_eq!(texts(&mid), [(2, "a2"), (3, "a3"), (4, "a4")].map(|(s, v)| (s, v.to_string())));
+        assert!(store.read_events(&acme, Some(6), 10).await.unwrap().is_empty());
+        assert_eq!(texts(&store.read_events(&globex, None, 10).await.unwrap()), [(1, "g1".to_string())], "globex has its own numbering and sees only its events");
+        assert_eq!(store.delete_tenant(&acme).await.unwrap(), 6, "delete_tenant counts events, not segments");
+        assert!(store.read_events(&acme, None, 10).await.unwrap().is_empty());
+        assert_eq!(store.read_events(&globex, None, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn events_of_an_earlier_version_are_read_first_and_numbering_continues() {
+        let dir = TempDir::new("legacy-events");
+        let store = with_legacy_events(&dir, "acme", 3).await;
+        let acme = tenant("acme");
+        store.write_batch(batch(&[(&acme, "new4"), (&acme, "new5")]), true).await.unwrap();
+        assert_eq!(store.append_event(&acme, b"new6".to_vec()).await.unwrap(), 6);
+        let all = store.read_events(&acme, None, 100).await.unwrap();
+        let want = [(1, "old1"), (2, "old2"), (3, "old3"), (4, "new4"), (5, "new5"), (6, "new6")];
+        assert_eq!(texts(&all), want.map(|(s, v)| (s, v.to_string())));
+        assert_eq!(texts(&store.read_events(&acme, Some(2), 3).await.unwrap()), want[2..5].iter().map(|(s, v)| (*s, v.to_string())).collect::<Vec<_>>());
+        assert_eq!(store.delete_tenant(&acme).await.unwrap(), 6);
+        assert!(store.read_events(&acme, None, 10).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_truncated_segment_is_reported_as_corrupt() {
+        let mut seg = Vec::new();
+        push_event(&mut seg, b"one");
+        push_event(&mut seg, b"two");
+        assert_eq!(segment_events("acme", 1, &seg).unwrap(), [b"one".as_slice(), b"two"]);
+        let err = segment_events("acme", 7, &seg[..seg.len() - 1]).unwrap_err().to_string();
+        assert!(err.contains("event segment 7 of tenant acme") && err.contains("after 1 events"), "{err}");
     }
 }
