@@ -285,11 +285,12 @@ fn check_framing(bytes: &[u8], proto: super::msg::Proto) -> Result<(), MessageEr
 /// `?headers` outside `<>` (RFC 3261 §20.10).
 fn name_addr_ok(v: &str) -> bool {
     let unescaped_quotes = {
+        // Bytes: a multi-byte character never contains an ASCII byte.
         let (mut n, mut esc) = (0, false);
-        for c in v.chars() {
+        for c in v.bytes() {
             match c {
-                '\\' if !esc => esc = true,
-                '"' if !esc => n += 1,
+                b'\\' if !esc => esc = true,
+                b'"' if !esc => n += 1,
                 _ => esc = false,
             }
         }

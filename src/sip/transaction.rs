@@ -1045,15 +1045,16 @@ fn top_via_value(headers: &Headers) -> Option<&str> {
 /// The first of the comma-separated values of one Via line.
 fn first_via(value: &str) -> Option<&str> {
     let (mut in_quotes, mut escaped) = (false, false);
-    for (idx, ch) in value.char_indices() {
+    // Bytes: a multi-byte character never contains an ASCII byte.
+    for (idx, ch) in value.bytes().enumerate() {
         if escaped {
             escaped = false;
             continue;
         }
         match ch {
-            '\\' if in_quotes => escaped = true,
-            '"' => in_quotes = !in_quotes,
-            ',' if !in_quotes => return Some(value[..idx].trim()).filter(|v| !v.is_empty()),
+            b'\\' if in_quotes => escaped = true,
+            b'"' => in_quotes = !in_quotes,
+            b',' if !in_quotes => return Some(value[..idx].trim()).filter(|v| !v.is_empty()),
             _ => {}
         }
     }
