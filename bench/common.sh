@@ -126,6 +126,21 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 # rss_kb PID
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
+# failure_summary ERROR_FILE [N]: what failed calls died of, from a SIPp -trace_err file,
+# most frequent first (N kinds, default 5): unexpected responses with crossbar's Warning
+# text (e.g. "node overloaded", "no media ports available"), receive timeouts, ...
+failure_summary() {
+    [[ -s "$1" ]] || return 0
+    # ("Dead call X (successful)": a late retransmission for a call that had succeeded)
+    { grep -aP "^'?\d{4}-\d\d-\d\d\t" "$1" \
+        | sed -E "s/^'?[0-9-]+\t[0-9:.]+\t[0-9.]+: //; s/[0-9]+-[0-9]+@[0-9.]+/X/g; s/ \(index [0-9]+\)//
+                  s/Aborting call on unexpected message for Call-Id 'X': while expecting/unexpected message, expecting/
+                  s/ without label to jump to.*//; s/(received '[^ ]+ [0-9]+ [A-Za-z ]*).*/\1'/; s/(received '[A-Z]+) .*/\1'/" \
+        | cut -c1-100
+      grep -a '^Warning: ' "$1" | sed -E 's/^Warning: [0-9]+ [^ ]+ /  (Warning: /; s/$/)/'; } \
+        | sort | uniq -c | sort -rn | head -"${2:-5}"
+}
+
 # Last value of column NAME in a SIPp -trace_stat CSV (';'-separated).
 stat_col() {
     awk -F';' -v name="$2" 'NR==1 {for (i=1;i<=NF;i++) if ($i==name) c=i; next} c {v=$c} END {print v+0}' "$1"

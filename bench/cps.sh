@@ -53,7 +53,11 @@ ramp() {
         read -r verdict achieved ok failed retrans <<<"$res"
         printf '  %-8s target %6d cps: %-4s achieved %6d cps, %d calls ok, %d failed, %d retransmissions\n' \
             "$name" "$r" "$verdict" "$achieved" "$ok" "$failed" "$retrans"
-        [[ $verdict == ok ]] || break
+        if [[ $verdict != ok ]]; then
+            echo "    what the failed calls died of (SIPp's error file):"
+            failure_summary "$WORK/$name-$r/uac_errors.log" | sed 's/^/    /'
+            break
+        fi
         BEST=$r
         # a rate SIPp could not generate is not a higher rate
         (( achieved * 10 >= r * 9 )) || break
