@@ -144,9 +144,12 @@ impl Incoming {
         let (cseq, cseq_method) = cseq.and_then(parse_cseq).ok_or(MessageError::Header("CSeq"))?;
         let from = from.filter(|v| name_addr_ok(v)).ok_or(MessageError::Header("From"))?;
         let to = to.filter(|v| name_addr_ok(v)).ok_or(MessageError::Header("To"))?;
-        // A request's From and To are parsed in full (a malformed one gets a 400); a
-        // response's only need their tags.
-        let (from_tag, to_tag, uris) = if matches!(msg, SipMessage::Request(_)) {
+        // A request that may start a dialog (no To tag) has its From and To parsed in
+        // full (a malformed one gets a 400): they route it. Responses and in-dialog
+        // requests only need their tags (their shape was checked above); they reach
+        // their call by Call-ID and tags.
+        let out_of_dialog = matches!(msg, SipMessage::Request(_)) && param(to, "tag").is_none_or(str::is_empty);
+        let (from_tag, to_tag, uris) = if out_of_dialog {
             let from = rsipstack::sip::typed::From::parse(from).map_err(|_| MessageError::Header("From"))?;
             let to = rsipstack::sip::typed::To::parse(to).map_err(|_| MessageError::Header("To"))?;
             (from.tag().map(|t| t.to_string()), to.tag().map(|t| t.to_string()), Some(Box::new((from.uri, to.uri))))
@@ -158,7 +161,9 @@ impl Incoming {
             return Err(MessageError::Header("Contact"));
         }
         let via = via.ok_or(MessageError::Header("Via"))?;
-        if rsipstack::sip::typed::Via::parse(first_of_list(via)).is_err() {
+        // A response's top Via is crossbar's own: the transaction it answers checks
+        // it (a response that matches none is dropped), so it is not parsed here.
+        if matches!(msg, SipMessage::Request(_)) && rsipstack::sip::typed::Via::parse(first_of_list(via)).is_err() {
             return Err(MessageError::Header("Via"));
         }
         if let SipMessage::Request(req) = &msg {
@@ -644,6 +649,14 @@ mod tests {
         // A response's From or To that is no name-addr is still refused.
         let bad = resp.replace("To: sip:b@y;tag=t2", "To: <sip:b@y");
         assert!(matches!(Incoming::parse(bad.as_bytes(), peer()), Err(MessageError::Header("To"))));
+        // An in-dialog request (To has a tag): tags only, like a response.
+        let bye = INVITE.replace("INVITE sip:", "BYE sip:").replace("CSeq: 1 INVITE", "CSeq: 2 BYE").replace("<sip:1001@acme.localhost>", "<sip:1001@acme.localhost>;tag=t9");
+        let b = Incoming::parse(bye.as_bytes(), peer()).unwrap();
+        assert_eq!((b.from_tag.as_deref(), b.to_tag.as_deref()), (Some("abc"), Some("t9")), "{bye}");
+        assert!(b.from_uri().is_none());
+        // A request that may start a dialog still has its URIs parsed: a bad one is refused.
+        let bad_uri = INVITE.replace("<sip:1001@acme.localhost>", "<sip:1001@>");
+        assert!(matches!(Incoming::parse(bad_uri.as_bytes(), peer()), Err(MessageError::Header("To"))), "{bad_uri}");
     }
 
     #[test]
