@@ -138,7 +138,7 @@ failure_summary() {
                   s/ without label to jump to.*//; s/(received '[^ ]+ [0-9]+ [A-Za-z ]*).*/\1'/; s/(received '[A-Z]+) .*/\1'/" \
         | cut -c1-100
       grep -a '^Warning: ' "$1" | sed -E 's/^Warning: [0-9]+ [^ ]+ /  (Warning: /; s/$/)/'; } \
-        | sort | uniq -c | sort -rn | head -"${2:-5}"
+        | sort | uniq -c | sort -rn | head -"${2:-5}" || true   # (head closing the pipe is no error)
 }
 
 # Last value of column NAME in a SIPp -trace_stat CSV (';'-separated).

@@ -54,7 +54,7 @@ ramp() {
         printf '  %-8s target %6d cps: %-4s achieved %6d cps, %d calls ok, %d failed, %d retransmissions\n' \
             "$name" "$r" "$verdict" "$achieved" "$ok" "$failed" "$retrans"
         if [[ $verdict != ok ]]; then
-            echo "    what the failed calls died of (SIPp's error file):"
+            echo "    what SIPp's error file reports, most frequent first (a timed-out run also fails calls it never logs):"
             failure_summary "$WORK/$name-$r/uac_errors.log" | sed 's/^/    /'
             break
         fi
