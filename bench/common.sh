@@ -153,7 +153,7 @@ cleanup() {
     wait 2>/dev/null
     # The node's store grows ~200 MB in a CPS run: logs and SIPp files stay, the store
     # goes (KEEP=1 keeps it).
-    [[ -n ${WORK:-} && -z ${KEEP:-} ]] && find "$WORK" -name '*.redb' -delete
+    [[ -n ${WORK:-} && -z ${KEEP:-} && -d $WORK ]] && find "$WORK" -name '*.redb' -delete
     return 0
 }
 trap cleanup EXIT
