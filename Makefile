@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Test binaries are built with test-only fault injection hooks (never in `make run`).
 TEST_FEATURES ?= fault-injection
 
-.PHONY: run test deps build check bench-cps bench-media bench-webrtc web
+.PHONY: run test deps build check bench-cps bench-media bench-webrtc bench-icount web
 
 run: build web
 	./target/release/crossbar run --config config/crossbar.toml
@@ -53,3 +53,6 @@ bench-media: build
 
 bench-webrtc: build
 	bench/webrtc.sh
+
+bench-icount: build
+	bench/icount.sh
