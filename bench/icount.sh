@@ -10,7 +10,8 @@
 # usage: bench/icount.sh [BIN...]     (default: the release build; several binaries are
 #                                      measured one after the other, the first is the baseline)
 # env:   CALLS (default 300), RATE (calls/s, default 20), KEEP=1 (keep callgrind's files
-#        for callgrind_annotate)
+#        for callgrind_annotate), TOP=N (also list crossbar's N costliest functions,
+#        instructions per call including what they call)
 # prints: `BIN: N instructions per call` and, for later binaries, the change against the first
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -58,6 +59,14 @@ count() {
     ir=$(grep -h '^totals:' "$dir"/callgrind.out.* | tail -1 | awk '{print $2}')
     kill "$pid" "$uas" 2>/dev/null || true; wait "$pid" "$uas" 2>/dev/null || true
     COUNT=$(( ir / CALLS ))
+    if [[ -n ${TOP:-} ]]; then
+        echo "  $bin: crossbar's costliest functions, instructions per call (inclusive):"
+        callgrind_annotate --inclusive=yes "$(ls "$dir"/callgrind.out.* | tail -1)" 2>/dev/null \
+            | awk -v calls="$CALLS" '/ \*? *[^ ]*:crossbar::/ && !/=>/ {
+                  n = $1; gsub(",", "", n); name = $0; sub(/.*:crossbar::/, "crossbar::", name); sub(/ \[.*/, "", name)
+                  if (!(name in seen)) { seen[name] = 1; printf "    %9d  %s\n", n / calls, name }
+              }' | head -"$TOP" || true
+    fi
 }
 
 BASE=0
