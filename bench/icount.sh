@@ -3,7 +3,7 @@
 # for CALLS DID calls, SIPp UAC (127.0.0.2) -> crossbar -> SIPp UAS, hung up at once,
 # after start-up, the UAS's REGISTER and 50 warm-up calls (counters zeroed then).
 # Unlike CPU time, the count barely depends on what else the machine is doing, so two
-# binaries compare within ~2 % here where timed runs vary by ±10 %. It counts no kernel
+# runs of one binary agree within ~0.2 % here, where timed runs vary by ±10 %. It counts no kernel
 # work (sendto, fsync) and runs at a low rate (valgrind is ~50x slower), where each
 # call's records get a store commit of their own: the store weighs more than at load.
 #

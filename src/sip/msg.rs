@@ -148,14 +148,16 @@ impl Incoming {
         // full (a malformed one gets a 400): they route it. Responses and in-dialog
         // requests only need their tags (their shape was checked above); they reach
         // their call by Call-ID and tags.
-        let out_of_dialog = matches!(msg, SipMessage::Request(_)) && param(to, "tag").is_none_or(str::is_empty);
-        let (from_tag, to_tag, uris) = if out_of_dialog {
+        fn tag(v: &str) -> Option<&str> {
+            param(v, "tag").filter(|t| !t.is_empty())
+        }
+        let raw_to_tag = tag(to);
+        let (from_tag, to_tag, uris) = if matches!(msg, SipMessage::Request(_)) && raw_to_tag.is_none() {
             let from = rsipstack::sip::typed::From::parse(from).map_err(|_| MessageError::Header("From"))?;
             let to = rsipstack::sip::typed::To::parse(to).map_err(|_| MessageError::Header("To"))?;
             (from.tag().map(|t| t.to_string()), to.tag().map(|t| t.to_string()), Some(Box::new((from.uri, to.uri))))
         } else {
-            let tag = |v: &str| param(v, "tag").filter(|t| !t.is_empty()).map(str::to_string);
-            (tag(from), tag(to), None)
+            (tag(from).map(str::to_string), raw_to_tag.map(str::to_string), None)
         };
         if !contacts_ok {
             return Err(MessageError::Header("Contact"));
