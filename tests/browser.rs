@@ -154,6 +154,7 @@ fn assert_answered_with_media(cb: &Crossbar) {
     assert_eq!(c.get("disposition"), Some("answered"), "{}", c.line);
     assert!(c.num("a_to_b_packets") > 50, "carrier → browser RTP: {}", c.line);
     assert!(c.num("b_to_a_packets") > 50, "browser → carrier RTP (SIPp received it): {}", c.line);
+    assert!(c.num("own_srtp_packets") > 100, "the browser's SRTP ran on crossbar's own path, both ways: {}", c.line);
 }
 
 /// 1 + 5: carrier → DID → alice's browser; answer; media both ways; the carrier hangs up.
@@ -201,6 +202,7 @@ fn browser_calls_out_through_the_carrier() {
     let c = calls.last().unwrap_or_else(|| panic!("no call ended\n{}", cb.report()));
     assert_eq!(c.get("hangup_side"), Some("A"), "{}", c.line);
     assert!(c.num("a_to_b_packets") > 50 && c.num("b_to_a_packets") > 50, "{}", c.line);
+    assert!(c.num("own_srtp_packets") > 100, "crossbar's own SRTP, both ways: {}", c.line);
     let _ = test_data("g711a.pcap");
 }
 
@@ -214,6 +216,8 @@ fn browser_to_browser_through_crossbar() {
     let c = calls.last().unwrap_or_else(|| panic!("no call ended\n{}", cb.report()));
     assert_eq!(c.get("disposition"), Some("answered"), "{}", c.line);
     assert!(c.num("a_to_b_packets") > 50 && c.num("b_to_a_packets") > 50, "{}", c.line);
+    // Each packet is unprotected on one browser leg and protected on the other.
+    assert!(c.num("own_srtp_packets") > 200, "crossbar's own SRTP on both browser legs: {}", c.line);
 }
 
 /// 4: carol refused on acme; wrong password 401; globex's DID never rings alice.

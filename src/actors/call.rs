@@ -141,6 +141,7 @@ impl CallShared {
             a_to_b_packets = stats.a_to_b_rtp.packets,
             b_to_a_packets = stats.b_to_a_rtp.packets,
             dropped_packets = stats.dropped(),
+            own_srtp_packets = stats.own_srtp_packets,
             "call ended"
         );
     }

@@ -144,6 +144,9 @@ pub struct RelayStats {
     pub a_to_b_rtcp: FlowStats,
     pub b_to_a_rtp: FlowStats,
     pub b_to_a_rtcp: FlowStats,
+    /// RTP packets of browser legs that crossbar's own SRTP protected or
+    /// unprotected (rather than str0m); 0 for plain calls.
+    pub own_srtp_packets: u64,
 }
 
 impl RelayStats {

@@ -166,6 +166,7 @@ impl SessionInner {
             a_to_b_rtcp: self.counters[1].load(),
             b_to_a_rtp: self.counters[2].load(),
             b_to_a_rtcp: self.counters[3].load(),
+            own_srtp_packets: 0,
         }
     }
 

@@ -1,14 +1,18 @@
-//! WebRTC legs: str0m terminates ICE (lite), DTLS and SRTP for a browser and
-//! the bridge moves G.711 / telephone-event RTP between it and the call's other
+//! WebRTC legs: str0m terminates ICE (lite) and DTLS for a browser, and
+//! SRTP until DTLS is up; from then on crossbar's own SRTP (`srtp`) carries
+//! the leg's RTP, and str0m only its STUN, DTLS and RTCP. The bridge
+//! moves G.711 / telephone-event RTP between it and the call's other
 //! leg (plain RTP to a carrier or SIP phone, or another WebRTC leg), without
 //! transcoding: the codec towards both parties is the same, with the same
 //! payload type numbers, so packets pass as they are (only SRTP is added or
-//! removed).
+//! removed; towards a browser, a carrier's new stream continues the sequence
+//! numbers of the one before, so that no SRTP index is used twice).
 //!
 //! [`Bridge`] is sans-IO: datagrams and timeouts in (each with `now`),
-//! datagrams out ([`Bridge::poll_transmit`], into the caller's buffer: no
-//! allocation of the bridge's own per packet; str0m still allocates its
-//! SRTP output and the payload it is handed). SDP goes through it synchronously
+//! datagrams out ([`Bridge::poll_transmit`], into the caller's buffer). Once
+//! crossbar's SRTP runs, a packet allocates nothing (the bridge's outbox keeps
+//! its capacity); before, str0m allocates its SRTP output and the payload it
+//! is handed. SDP goes through it synchronously
 //! from the B2BUA ([`BridgeSdp`], a [`SdpAdapter`]): an offer from one side
 //! becomes the offer to the other side, an answer from one side the answer to
 //! the other. A browser's offer is only accepted (str0m `accept_offer`) once the
@@ -37,9 +41,11 @@
 //! neither ICE nor DTLS restarts.
 //!
 //! **RTCP.** Each side's RTCP ends at crossbar; none is passed through.
-//! str0m runs the browser leg's RTCP itself: sender reports for what it sends
-//! (the carrier's stream under str0m's SSRC), receiver reports for what the
-//! browser sends, every 5 s. The carrier's reports describe another hop and
+//! str0m runs the browser leg's RTCP itself and takes the browser's reports.
+//! Since RTP bypasses str0m once crossbar's SRTP runs, str0m's own sender and
+//! receiver reports no longer count those packets (a browser's statistics of
+//! the leg lack round-trip time and remote loss; its audio is unaffected).
+//! The carrier's reports describe another hop and
 //! other SSRCs (its own, and crossbar's on the plain side): a browser ignores
 //! report blocks for SSRCs it does not know, and its round-trip and loss
 //! figures would be wrong if it took them, so there is nothing worth handing
@@ -50,6 +56,8 @@
 //! as dropped, not relayed; RTCP to and from the plain party's RTCP port is
 //! the driver's business (the plain relay in `relay.rs` passes it as is when
 //! both sides are plain).
+
+mod srtp;
 
 use super::{FlowStats, RelayStats, Side};
 use crate::sip::b2bua::SdpAdapter;
@@ -269,6 +277,13 @@ struct WebRtcLeg {
     /// must keep one of its voice codecs).
     codecs: Vec<AudioCodec>,
     connected: bool,
+    /// Where str0m's DTLS leaves the SRTP keys, until crossbar's SRTP takes over.
+    keys: Option<Arc<srtp::KeySlot>>,
+    /// crossbar's SRTP for this leg's RTP, once DTLS is up.
+    own: Option<Box<OwnSrtp>>,
+    /// The browser's address: where str0m sends DTLS and SRTCP, then where
+    /// authenticated SRTP comes from.
+    peer: Option<SocketAddr>,
     /// When str0m next wants `Input::Timeout` (valid while `!dirty`).
     timeout: Option<Instant>,
     /// str0m had input since its output was last drained to `Output::Timeout`.
@@ -277,7 +292,7 @@ struct WebRtcLeg {
 
 impl WebRtcLeg {
     fn new(candidate: SocketAddr) -> WebRtcLeg {
-        WebRtcLeg { rtc: None, candidate, mid: None, tx_ssrc: None, pending: None, offer_in: None, last_answer: None, seq: SeqExtender::default(), codecs: Vec::new(), connected: false, timeout: None, dirty: false }
+        WebRtcLeg { rtc: None, candidate, mid: None, tx_ssrc: None, pending: None, offer_in: None, last_answer: None, seq: SeqExtender::default(), codecs: Vec::new(), connected: false, keys: None, own: None, peer: None, timeout: None, dirty: false }
     }
 
     /// Hands one RTP packet from the other party to str0m (which adds SRTP).
@@ -306,11 +321,148 @@ impl WebRtcLeg {
         true
     }
 
+    /// Starts the leg's str0m session with `codecs` (G.711 and telephone-event).
+    fn open(&mut self, codecs: &[AudioCodec], now: Instant) -> Result<(), String> {
+        let mut cfg = rtc_config();
+        for c in codecs {
+            let codec = match c.format {
+                AudioFormat::Pcmu => Codec::PCMU,
+                AudioFormat::Pcma => Codec::PCMA,
+                AudioFormat::TelephoneEvent => Codec::Tele,
+            };
+            let format = if c.format == AudioFormat::TelephoneEvent { FormatParams { telephone_event_max: Some(16), ..Default::default() } } else { FormatParams::default() };
+            cfg.codec_config().add_config(c.pt.into(), None, codec, Frequency::EIGHT_KHZ, None, format);
+        }
+        let (mut rtc, keys) = srtp::build_rtc(cfg, now);
+        let cand = Candidate::host(self.candidate, "udp").map_err(|e| format!("bad media address {}: {e}", self.candidate))?;
+        rtc.add_local_candidate(cand);
+        self.rtc = Some(rtc);
+        self.keys = keys;
+        self.codecs = codecs.to_vec();
+        Ok(())
+    }
+
+    /// Takes over the leg's RTP from str0m once DTLS has exported its keys
+    /// and the send stream exists (see `srtp`).
+    fn arm_own_srtp(&mut self) {
+        if self.own.is_some() || !self.connected {
+            return;
+        }
+        let (Some(slot), Some(rtc), Some(mid)) = (self.keys.as_ref(), self.rtc.as_mut(), self.mid) else { return };
+        let ssrc = match self.tx_ssrc {
+            Some(s) => s,
+            None => match rtc.direct_api().stream_tx_by_mid(mid, None).map(|t| t.ssrc()) {
+                Some(s) => {
+                    self.tx_ssrc = Some(s);
+                    s
+                }
+                None => return,
+            },
+        };
+        let Some(keys) = slot.take() else { return };
+        // The mid header extension, as str0m writes it on every packet (BUNDLE demultiplexing).
+        let mut ext = [0u8; 24];
+        let mut ext_len = 0;
+        let mid_id = rtc.media(mid).and_then(|m| m.remote_extmap().id_of(Extension::RtpMid));
+        let mid_bytes = mid.as_bytes();
+        if let (Some(id), 1..=16) = (mid_id, mid_bytes.len()) {
+            let words = (1 + mid_bytes.len()).div_ceil(4);
+            ext[..4].copy_from_slice(&[0xbe, 0xde, 0, words as u8]);
+            ext[4] = (id << 4) | (mid_bytes.len() as u8 - 1);
+            ext[5..5 + mid_bytes.len()].copy_from_slice(mid_bytes);
+            ext_len = 4 + 4 * words;
+        }
+        tracing::debug!(profile = ?keys.profile(), "WebRTC leg's RTP now runs on crossbar's SRTP");
+        self.keys = None;
+        // Continue where str0m's sending stopped (it used the same sequence extension).
+        let highest = self.seq.last;
+        self.own = Some(Box::new(OwnSrtp { tx: keys.sender(), rx: keys.receiver(), ssrc: *ssrc, ext, ext_len, from_ssrc: None, seq_shift: 0, highest, sent: u64::from(highest.is_some()) }));
+    }
+
+    /// Protects one RTP packet for the browser with crossbar's SRTP into `out`.
+    ///
+    /// The sequence number passes as it is, shifted only when the other
+    /// party starts a new stream (a new SSRC continues after the last number
+    /// sent), and a packet index is never protected twice: a duplicate, or a
+    /// packet older than the 64 last indices, is dropped. An SRTP index used
+    /// twice would reuse an AES-GCM nonce.
+    fn protect_own(&mut self, h: &RtpFields, payload: &[u8], out: &mut [u8]) -> OwnSend {
+        if self.own.is_none() {
+            self.arm_own_srtp();
+        }
+        let (Some(own), Some(dest)) = (self.own.as_mut(), self.peer) else { return OwnSend::NotReady };
+        if own.from_ssrc != Some(h.ssrc) {
+            if let (Some(_), Some(last)) = (own.from_ssrc, own.highest) {
+                own.seq_shift = (last as u16).wrapping_add(1).wrapping_sub(h.seq);
+            }
+            own.from_ssrc = Some(h.ssrc);
+        }
+        let seq = h.seq.wrapping_add(own.seq_shift);
+        let index = self.seq.extend(seq);
+        match own.highest {
+            Some(top) if index > top => {
+                let shift = index - top;
+                own.sent = if shift >= 64 { 1 } else { (own.sent << shift) | 1 };
+                own.highest = Some(index);
+            }
+            Some(top) => {
+                let age = top - index;
+                if age >= 64 || own.sent & (1 << age) != 0 {
+                    return OwnSend::Dropped;
+                }
+                own.sent |= 1 << age;
+            }
+            None => {
+                own.highest = Some(index);
+                own.sent = 1;
+            }
+        }
+        let hlen = 12 + own.ext_len;
+        let Some(head) = out.get_mut(..hlen) else { return OwnSend::Dropped };
+        head[0] = if own.ext_len > 0 { 0x90 } else { 0x80 };
+        head[1] = (h.pt & 0x7f) | if h.marker { 0x80 } else { 0 };
+        head[2..4].copy_from_slice(&seq.to_be_bytes());
+        head[4..8].copy_from_slice(&h.ts.to_be_bytes());
+        head[8..12].copy_from_slice(&own.ssrc.to_be_bytes());
+        head[12..].copy_from_slice(&own.ext[..own.ext_len]);
+        match own.tx.protect(out, hlen, payload, own.ssrc, index) {
+            Some(n) => OwnSend::Sent(dest, n),
+            None => OwnSend::Dropped,
+        }
+    }
+
     /// Any change of str0m's state through the SDP API: its output must be drained.
     fn touched(&mut self) {
         self.dirty = true;
         self.tx_ssrc = None;
     }
+}
+
+/// crossbar's SRTP state of a browser leg.
+struct OwnSrtp {
+    tx: srtp::Sender,
+    rx: srtp::Receiver,
+    /// str0m's send stream SSRC, announced in its SDP.
+    ssrc: u32,
+    /// The RTP header extension written on each packet (the mid).
+    ext: [u8; 24],
+    ext_len: usize,
+    /// The other party's current SSRC, and what is added to its sequence numbers.
+    from_ssrc: Option<u32>,
+    seq_shift: u16,
+    /// Highest SRTP index sent; bit i of `sent`: index `highest - i` was sent.
+    highest: Option<u64>,
+    sent: u64,
+}
+
+/// What became of a packet for a browser leg.
+enum OwnSend {
+    /// Protected by crossbar: the datagram's destination and length.
+    Sent(SocketAddr, usize),
+    /// Not sent (a repeated or too old packet index, or no room).
+    Dropped,
+    /// The leg's RTP is still str0m's (DTLS not up, or no address yet).
+    NotReady,
 }
 
 struct PlainLeg {
@@ -363,6 +515,108 @@ enum Leg {
 pub struct Bridge {
     legs: [Leg; 2],
     stats: [FlowStats; 2],
+    /// Datagrams of crossbar's own SRTP path, until `poll_transmit`.
+    outbox: Outbox,
+    /// RTP packets per side that crossbar's SRTP protected or unprotected
+    /// (the side of the browser leg), rather than str0m.
+    own_srtp: [u64; 2],
+}
+
+/// Datagrams made while handling input, in order; the buffers keep their
+/// capacity, so a steady flow allocates nothing.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    queue: Vec<(Side, SocketAddr, usize, usize)>,
+    next: usize,
+}
+
+/// Room for one datagram in the outbox.
+const DATAGRAM_ROOM: usize = 2048;
+
+impl Outbox {
+    /// A zeroed buffer of `len` bytes at the end: `(its start, the buffer)`.
+    fn reserve(&mut self, len: usize) -> (usize, &mut [u8]) {
+        let start = self.bytes.len();
+        self.bytes.resize(start + len, 0);
+        (start, &mut self.bytes[start..])
+    }
+
+    /// Keeps the first `n` bytes reserved at `start` as a datagram for `dest`.
+    fn commit(&mut self, start: usize, n: usize, side: Side, dest: SocketAddr) {
+        self.bytes.truncate(start + n);
+        self.queue.push((side, dest, start, n));
+    }
+
+    fn abandon(&mut self, start: usize) {
+        self.bytes.truncate(start);
+    }
+
+    /// The next datagram, copied into `buf`.
+    fn pop(&mut self, buf: &mut [u8]) -> Option<(Side, SocketAddr, usize)> {
+        while let Some(&(side, dest, start, n)) = self.queue.get(self.next) {
+            self.next += 1;
+            match buf.get_mut(..n) {
+                Some(b) => {
+                    b.copy_from_slice(&self.bytes[start..start + n]);
+                    return Some((side, dest, n));
+                }
+                None => tracing::debug!(len = n, "transmit buffer too small, datagram dropped"),
+            }
+        }
+        if !self.queue.is_empty() {
+            self.queue.clear();
+            self.bytes.clear();
+            self.next = 0;
+        }
+        None
+    }
+}
+
+/// Sends one RTP packet (header fields `h`, `payload`) to the `other` leg
+/// (on side `to`): written into the outbox when crossbar makes the datagram,
+/// handed to str0m when the leg's SRTP is still str0m's. False if it cannot
+/// go anywhere yet.
+fn forward(outbox: &mut Outbox, own_srtp: &mut [u64; 2], other: &mut Leg, to: Side, h: &RtpFields, payload: &[u8], now: Instant) -> bool {
+    match other {
+        Leg::Plain(pl) => {
+            let Some(dest) = pl.dest() else { return false };
+            let (start, buf) = outbox.reserve(12 + payload.len());
+            match write_plain_rtp(buf, h, payload) {
+                Some(n) => {
+                    outbox.commit(start, n, to, dest);
+                    true
+                }
+                None => {
+                    outbox.abandon(start);
+                    false
+                }
+            }
+        }
+        Leg::WebRtc(w) => {
+            let (start, buf) = outbox.reserve(DATAGRAM_ROOM);
+            match w.protect_own(h, payload, buf) {
+                OwnSend::Sent(dest, n) => {
+                    outbox.commit(start, n, to, dest);
+                    own_srtp[idx(to)] += 1;
+                    true
+                }
+                OwnSend::Dropped => {
+                    outbox.abandon(start);
+                    false
+                }
+                OwnSend::NotReady => {
+                    outbox.abandon(start);
+                    w.send_rtp(h, Arc::from(payload), now)
+                }
+            }
+        }
+    }
+}
+
+/// RTP rather than RTCP (RFC 5761 §4), STUN or DTLS (RFC 7983).
+fn is_rtp(d: &[u8]) -> bool {
+    d.len() >= 12 && (128..192).contains(&d[0]) && !(64..96).contains(&(d[1] & 0x7f))
 }
 
 fn idx(side: Side) -> usize {
@@ -416,24 +670,7 @@ impl Bridge {
             LegKind::Plain => Leg::Plain(PlainLeg { local: l, sdp_remote: None, latched: None, sent: None }),
             LegKind::WebRtc => Leg::WebRtc(Box::new(WebRtcLeg::new(l))),
         };
-        Bridge { legs: [mk(kinds[0], local[0]), mk(kinds[1], local[1])], stats: Default::default() }
-    }
-
-    fn build_rtc(candidate: SocketAddr, codecs: &[AudioCodec], now: Instant) -> Result<Rtc, String> {
-        let mut cfg = rtc_config();
-        for c in codecs {
-            let codec = match c.format {
-                AudioFormat::Pcmu => Codec::PCMU,
-                AudioFormat::Pcma => Codec::PCMA,
-                AudioFormat::TelephoneEvent => Codec::Tele,
-            };
-            let format = if c.format == AudioFormat::TelephoneEvent { FormatParams { telephone_event_max: Some(16), ..Default::default() } } else { FormatParams::default() };
-            cfg.codec_config().add_config(c.pt.into(), None, codec, Frequency::EIGHT_KHZ, None, format);
-        }
-        let mut rtc = cfg.build(now);
-        let cand = Candidate::host(candidate, "udp").map_err(|e| format!("bad media address {candidate}: {e}"))?;
-        rtc.add_local_candidate(cand);
-        Ok(rtc)
+        Bridge { legs: [mk(kinds[0], local[0]), mk(kinds[1], local[1])], stats: Default::default(), outbox: Outbox::default(), own_srtp: [0; 2] }
     }
 
     /// `from` sent an SDP offer: returns the offer for the other side.
@@ -464,8 +701,7 @@ impl Bridge {
             Leg::Plain(p) => Ok(p.sdp(&desc.codecs, desc.direction)),
             Leg::WebRtc(w) => {
                 if w.rtc.is_none() {
-                    w.rtc = Some(Self::build_rtc(w.candidate, &desc.codecs, now)?);
-                    w.codecs = desc.codecs.clone();
+                    w.open(&desc.codecs, now)?;
                 }
                 w.touched();
                 let rtc = w.rtc.as_mut().expect("built above");
@@ -502,8 +738,7 @@ impl Bridge {
         if w.rtc.is_some() {
             return Err("the browser leg already has a session".into());
         }
-        w.rtc = Some(Self::build_rtc(w.candidate, &LATE_OFFER_CODECS, now)?);
-        w.codecs = LATE_OFFER_CODECS.to_vec();
+        w.open(&LATE_OFFER_CODECS, now)?;
         w.touched();
         let rtc = w.rtc.as_mut().expect("built above");
         let mut api = rtc.sdp_api();
@@ -556,8 +791,7 @@ impl Bridge {
                     return w.last_answer.clone().ok_or_else(|| "no offer from the browser to answer".to_string());
                 };
                 if w.rtc.is_none() {
-                    w.rtc = Some(Self::build_rtc(w.candidate, &chosen, now)?);
-                    w.codecs = chosen.clone();
+                    w.open(&chosen, now)?;
                 }
                 w.touched();
                 let rtc = w.rtc.as_mut().expect("built above");
@@ -586,10 +820,35 @@ impl Bridge {
                 // Symmetric RTP: answer where the party really sends from.
                 p.latched = Some(from);
                 let sent = match other {
-                    Leg::WebRtc(w) => w.send_rtp(&h, Arc::from(payload), now),
+                    Leg::WebRtc(_) => forward(&mut self.outbox, &mut self.own_srtp, other, side.other(), &h, payload, now),
                     Leg::Plain(_) => false,
                 };
                 self.stats[i].count(sent, data.len());
+            }
+            Leg::WebRtc(w) if w.own.is_some() && is_rtp(data) => {
+                let own = w.own.as_mut().expect("checked by the guard");
+                let mut plain = [0u8; DATAGRAM_ROOM];
+                let n = match plain.get_mut(..data.len()).map(|buf| own.rx.unprotect(data, buf)) {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => {
+                        tracing::trace!(?side, ?e, "SRTP packet refused");
+                        self.stats[i].dropped += 1;
+                        return;
+                    }
+                    None => {
+                        self.stats[i].dropped += 1;
+                        return;
+                    }
+                };
+                // Authenticated: this is where the browser is now.
+                w.peer = Some(from);
+                self.own_srtp[i] += 1;
+                let Some((h, payload)) = parse_rtp(&plain[..n]) else {
+                    self.stats[i].dropped += 1;
+                    return;
+                };
+                let sent = forward(&mut self.outbox, &mut self.own_srtp, other, side.other(), &h, payload, now);
+                self.stats[i].count(sent, 12 + payload.len());
             }
             Leg::WebRtc(w) => {
                 let Some(rtc) = w.rtc.as_mut() else { return };
@@ -624,6 +883,9 @@ impl Bridge {
     /// `(side whose socket sends it, destination, length)`. `None` once both
     /// legs are drained; call it until then after every input.
     pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(Side, SocketAddr, usize)> {
+        if let Some(d) = self.outbox.pop(buf) {
+            return Some(d);
+        }
         loop {
             let i = self.legs.iter().position(|l| matches!(l, Leg::WebRtc(w) if w.dirty))?;
             let (this, other) = pair(&mut self.legs, i);
@@ -639,6 +901,10 @@ impl Bridge {
                 }
                 Ok(Output::Transmit(t)) => match buf.get_mut(..t.contents.len()) {
                     Some(out) => {
+                        // DTLS and SRTCP go to the selected pair; STUN answers go wherever a check came from.
+                        if t.contents.first().is_some_and(|b| *b >= 20) {
+                            w.peer = Some(t.destination);
+                        }
                         out.copy_from_slice(&t.contents);
                         return Some((side_of(i), t.destination, t.contents.len()));
                     }
@@ -666,6 +932,7 @@ impl Bridge {
                 Ok(Output::Event(e)) => match e {
                     Event::Connected => {
                         w.connected = true;
+                        w.arm_own_srtp();
                         tracing::debug!(side = ?side_of(i), "WebRTC leg connected (ICE + DTLS)");
                     }
                     Event::IceConnectionStateChange(s) => tracing::debug!(side = ?side_of(i), ?s, "WebRTC ICE state"),
@@ -691,12 +958,18 @@ impl Bridge {
             .min()
     }
 
+    /// RTP packets of `side`'s browser leg that crossbar's own SRTP carried
+    /// (both directions), rather than str0m.
+    pub fn own_srtp_packets(&self, side: Side) -> u64 {
+        self.own_srtp[idx(side)]
+    }
+
     pub fn is_connected(&self, side: Side) -> bool {
         matches!(&self.legs[idx(side)], Leg::WebRtc(w) if w.connected)
     }
 
     pub fn stats(&self) -> RelayStats {
-        RelayStats { a_to_b_rtp: self.stats[0], b_to_a_rtp: self.stats[1], ..Default::default() }
+        RelayStats { a_to_b_rtp: self.stats[0], b_to_a_rtp: self.stats[1], own_srtp_packets: self.own_srtp[0] + self.own_srtp[1], ..Default::default() }
     }
 }
 

@@ -230,6 +230,10 @@ fn carrier_to_browser_offer_answer_and_media() {
     assert!(to_carrier.iter().all(|(_, p)| parse_rtp(p).is_some_and(|(h, payload)| h.pt == 0 && payload == [0x11; 160])));
     let st = bridge.stats();
     assert!(st.a_to_b_rtp.packets >= 15 && st.b_to_a_rtp.packets >= 15, "{st:?}");
+    // Both directions ran on crossbar's own SRTP (str0m's browser decrypted
+    // crossbar's packets, crossbar decrypted str0m's), not str0m's RTP path.
+    assert_eq!(bridge.own_srtp_packets(Side::B), 40, "{st:?}");
+    assert_eq!(bridge.own_srtp_packets(Side::A), 0);
 }
 
 /// A carrier (plain, side A) calls a browser with a late offer (INVITE
@@ -503,17 +507,24 @@ fn browser_to_browser_unchanged_reoffer() {
     assert!(bob.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && *p == [0x11; 160]));
 }
 
+/// A carrier (side A) called a browser (side B, on `port`), which answered;
+/// ICE and DTLS are up.
+fn carrier_calls_browser(port: u16) -> (Bridge, Browser, Instant) {
+    let mut now = Instant::now();
+    let mut bridge = Bridge::new([LegKind::Plain, LegKind::WebRtc], [bridge_addr(Side::A), bridge_addr(Side::B)]);
+    let to_browser = String::from_utf8(bridge.offer(Side::A, carrier_offer().as_bytes(), now).unwrap()).unwrap();
+    let mut browser = Browser::new(SocketAddr::from(([127, 0, 0, 1], port)), now);
+    let answer = browser.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&to_browser).unwrap()).unwrap();
+    bridge.answer(Side::B, answer.to_sdp_string().as_bytes(), now).unwrap();
+    connect(&mut bridge, &mut [None, Some(&mut browser)], &mut now);
+    (bridge, browser, now)
+}
+
 /// A carrier packet leaves for the browser in the same poll, without waiting
 /// for the leg's next timer or datagram.
 #[test]
 fn carrier_packet_is_sent_at_once() {
-    let mut now = Instant::now();
-    let mut bridge = Bridge::new([LegKind::Plain, LegKind::WebRtc], [bridge_addr(Side::A), bridge_addr(Side::B)]);
-    let to_browser = String::from_utf8(bridge.offer(Side::A, carrier_offer().as_bytes(), now).unwrap()).unwrap();
-    let mut browser = Browser::new("127.0.0.1:50008".parse().unwrap(), now);
-    let answer = browser.rtc.sdp_api().accept_offer(SdpOffer::from_sdp_string(&to_browser).unwrap()).unwrap();
-    bridge.answer(Side::B, answer.to_sdp_string().as_bytes(), now).unwrap();
-    connect(&mut bridge, &mut [None, Some(&mut browser)], &mut now);
+    let (mut bridge, browser, now) = carrier_calls_browser(50008);
     let mut buf = [0u8; 2048];
     while bridge.poll_transmit(&mut buf).is_some() {}
     bridge.handle_receive(Side::A, CARRIER.parse().unwrap(), &rtp(0, 5), now);
@@ -521,4 +532,39 @@ fn carrier_packet_is_sent_at_once() {
     assert_eq!((side, dest), (Side::B, browser.addr));
     assert!(n >= 12 + 160 + 10, "SRTP of 160 bytes of G.711: {n}");
     assert_eq!(bridge.stats().a_to_b_rtp.packets, 1);
+}
+
+/// The carrier restarts its stream (new SSRC, new sequence numbers) and
+/// repeats a packet: the browser gets one stream with sequence numbers that
+/// go on where they were, every packet once, and str0m's SRTP accepts them
+/// all (a repeated SRTP index would reuse an AES-GCM nonce, so crossbar never
+/// protects one twice).
+#[test]
+fn carrier_stream_restart_and_repeats_reach_the_browser_once_in_sequence() {
+    let (mut bridge, mut browser, mut now) = carrier_calls_browser(50010);
+    let carrier: SocketAddr = CARRIER.parse().unwrap();
+    let with_ssrc = |seq: u16, ssrc: u8| {
+        let mut p = rtp(0, seq);
+        p[11] = ssrc;
+        p
+    };
+    let mut plain_out = Vec::new();
+    let mut send = |bridge: &mut Bridge, browser: &mut Browser, pkt: Vec<u8>, now: &mut Instant| {
+        *now += Duration::from_millis(20);
+        bridge.handle_receive(Side::A, carrier, &pkt, *now);
+        browser.rtc.handle_input(Input::Timeout(*now)).unwrap();
+        pump(bridge, Side::B, browser, *now, &mut plain_out);
+    };
+    for seq in 100..110u16 {
+        send(&mut bridge, &mut browser, with_ssrc(seq, 7), &mut now);
+    }
+    send(&mut bridge, &mut browser, with_ssrc(109, 7), &mut now);
+    for seq in 5000..5010u16 {
+        send(&mut bridge, &mut browser, with_ssrc(seq, 8), &mut now);
+    }
+    let seqs: Vec<u16> = browser.got_rtp.iter().map(|(_, s, _)| *s).collect();
+    let expected: Vec<u16> = (100..120).collect();
+    assert_eq!(seqs, expected, "one stream, in sequence, the repeat dropped");
+    assert_eq!(bridge.own_srtp_packets(Side::B), 20);
+    assert_eq!(bridge.stats().a_to_b_rtp.packets, 20);
 }
