@@ -594,7 +594,8 @@ fn forward(outbox: &mut Outbox, own_srtp: &mut [u64; 2], other: &mut Leg, to: Si
             }
         }
         Leg::WebRtc(w) => {
-            let (start, buf) = outbox.reserve(DATAGRAM_ROOM);
+            // Header with the mid extension, payload, the longest tag.
+            let (start, buf) = outbox.reserve(12 + 24 + payload.len() + 16);
             match w.protect_own(h, payload, buf) {
                 OwnSend::Sent(dest, n) => {
                     outbox.commit(start, n, to, dest);
@@ -827,15 +828,13 @@ impl Bridge {
             }
             Leg::WebRtc(w) if w.own.is_some() && is_rtp(data) => {
                 let own = w.own.as_mut().expect("checked by the guard");
-                let mut plain = [0u8; DATAGRAM_ROOM];
-                let n = match plain.get_mut(..data.len()).map(|buf| own.rx.unprotect(data, buf)) {
-                    Some(Ok(n)) => n,
-                    Some(Err(e)) => {
+                // Decrypted straight into the outbox, where a plain packet for the other side is made in place.
+                let (start, buf) = self.outbox.reserve(data.len());
+                let n = match own.rx.unprotect(data, buf) {
+                    Ok(n) => n,
+                    Err(e) => {
                         tracing::trace!(?side, ?e, "SRTP packet refused");
-                        self.stats[i].dropped += 1;
-                        return;
-                    }
-                    None => {
+                        self.outbox.abandon(start);
                         self.stats[i].dropped += 1;
                         return;
                     }
@@ -843,12 +842,35 @@ impl Bridge {
                 // Authenticated: this is where the browser is now.
                 w.peer = Some(from);
                 self.own_srtp[i] += 1;
-                let Some((h, payload)) = parse_rtp(&plain[..n]) else {
+                let Some((h, payload)) = parse_rtp(&buf[..n]) else {
+                    self.outbox.abandon(start);
                     self.stats[i].dropped += 1;
                     return;
                 };
-                let sent = forward(&mut self.outbox, &mut self.own_srtp, other, side.other(), &h, payload, now);
-                self.stats[i].count(sent, 12 + payload.len());
+                let len = payload.len();
+                let sent = match other {
+                    Leg::Plain(pl) => match pl.dest() {
+                        Some(dest) => {
+                            let off = payload.as_ptr() as usize - buf.as_ptr() as usize;
+                            buf.copy_within(off..off + len, 12);
+                            write_plain_header(&mut buf[..12], &h);
+                            self.outbox.commit(start, 12 + len, side.other(), dest);
+                            true
+                        }
+                        None => {
+                            self.outbox.abandon(start);
+                            false
+                        }
+                    },
+                    Leg::WebRtc(_) => {
+                        // Browser to browser: the payload moves out of the outbox first.
+                        let mut copy = [0u8; DATAGRAM_ROOM];
+                        copy[..len].copy_from_slice(payload);
+                        self.outbox.abandon(start);
+                        forward(&mut self.outbox, &mut self.own_srtp, other, side.other(), &h, &copy[..len], now)
+                    }
+                };
+                self.stats[i].count(sent, 12 + len);
             }
             Leg::WebRtc(w) => {
                 let Some(rtc) = w.rtc.as_mut() else { return };
@@ -1023,13 +1045,18 @@ struct RtpFields {
 fn write_plain_rtp(buf: &mut [u8], h: &RtpFields, payload: &[u8]) -> Option<usize> {
     let n = 12 + payload.len();
     let out = buf.get_mut(..n)?;
+    write_plain_header(&mut out[..12], h);
+    out[12..].copy_from_slice(payload);
+    Some(n)
+}
+
+/// The 12-byte header of a plain RTP packet.
+fn write_plain_header(out: &mut [u8], h: &RtpFields) {
     out[0] = 0x80;
     out[1] = (h.pt & 0x7f) | if h.marker { 0x80 } else { 0 };
     out[2..4].copy_from_slice(&h.seq.to_be_bytes());
     out[4..8].copy_from_slice(&h.ts.to_be_bytes());
     out[8..12].copy_from_slice(&h.ssrc.to_be_bytes());
-    out[12..].copy_from_slice(payload);
-    Some(n)
 }
 
 /// A plain RTP packet's header fields and payload (CSRCs, extension and padding skipped).

@@ -505,6 +505,8 @@ fn browser_to_browser_unchanged_reoffer() {
     assert!(plain_out.is_empty());
     assert_eq!(bob.got_rtp.len(), 10, "alice → bob after the re-offers");
     assert!(bob.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && *p == [0x11; 160]));
+    // Unprotected on alice's leg and protected again on bob's, both by crossbar.
+    assert!(bridge.own_srtp_packets(Side::A) >= 10 && bridge.own_srtp_packets(Side::B) >= 10, "{} {}", bridge.own_srtp_packets(Side::A), bridge.own_srtp_packets(Side::B));
 }
 
 /// A carrier (side A) called a browser (side B, on `port`), which answered;
