@@ -25,6 +25,9 @@
 //! poll/timeout machinery; the bridge's own code is under 3 % of it.
 //! With 300 calls taking turns (2026-11-23, same session): 2.4–3.9 µs through
 //! the bridge against 2.2–2.4 µs for one call: cold state costs up to ~1.8×.
+//! Session 7, with the browser leg's RTP on crossbar's own SRTP after DTLS:
+//! 0.43 µs/packet for one call (str0m client 2.7 µs), 1.43 µs with 300 calls
+//! (str0m client 6.2–6.6 µs in the same, busier, run).
 
 use crossbar::media::webrtc::{Bridge, LegKind};
 use crossbar::media::Side;

@@ -382,10 +382,11 @@ impl WebRtcLeg {
     /// Protects one RTP packet for the browser with crossbar's SRTP into `out`.
     ///
     /// The sequence number passes as it is, shifted only when the other
-    /// party starts a new stream (a new SSRC continues after the last number
-    /// sent), and a packet index is never protected twice: a duplicate, or a
-    /// packet older than the 64 last indices, is dropped. An SRTP index used
-    /// twice would reuse an AES-GCM nonce.
+    /// party starts a new stream (a new SSRC, or the same one with numbers
+    /// far behind those sent, continues after the last number sent), and a
+    /// packet index is never protected twice: a duplicate, or a packet older
+    /// than the 64 last indices, is dropped. An SRTP index used twice would
+    /// reuse an AES-GCM nonce.
     fn protect_own(&mut self, h: &RtpFields, payload: &[u8], out: &mut [u8]) -> OwnSend {
         if self.own.is_none() {
             self.arm_own_srtp();
@@ -397,8 +398,8 @@ impl WebRtcLeg {
             }
             own.from_ssrc = Some(h.ssrc);
         }
-        let seq = h.seq.wrapping_add(own.seq_shift);
-        let index = self.seq.extend(seq);
+        let mut seq = h.seq.wrapping_add(own.seq_shift);
+        let mut index = self.seq.extend(seq);
         match own.highest {
             Some(top) if index > top => {
                 let shift = index - top;
@@ -407,10 +408,19 @@ impl WebRtcLeg {
             }
             Some(top) => {
                 let age = top - index;
-                if age >= 64 || own.sent & (1 << age) != 0 {
+                if age > RESTART_AGE {
+                    // Far behind what was sent: not a late packet but a jump in
+                    // the other party's numbering. Continue after the last index.
+                    own.seq_shift = own.seq_shift.wrapping_add((top + 1 - index) as u16);
+                    seq = h.seq.wrapping_add(own.seq_shift);
+                    index = self.seq.extend(seq);
+                    own.sent = (own.sent << 1) | 1;
+                    own.highest = Some(index);
+                } else if age >= 64 || own.sent & (1 << age) != 0 {
                     return OwnSend::Dropped;
+                } else {
+                    own.sent |= 1 << age;
                 }
-                own.sent |= 1 << age;
             }
             None => {
                 own.highest = Some(index);
@@ -454,6 +464,11 @@ struct OwnSrtp {
     highest: Option<u64>,
     sent: u64,
 }
+
+/// A packet this far behind the highest index sent to a browser is taken
+/// for a jump in the other party's sequence numbers, not for a late packet
+/// (20 s of 20 ms audio).
+const RESTART_AGE: u64 = 1000;
 
 /// What became of a packet for a browser leg.
 enum OwnSend {

@@ -536,8 +536,8 @@ fn carrier_packet_is_sent_at_once() {
     assert_eq!(bridge.stats().a_to_b_rtp.packets, 1);
 }
 
-/// The carrier restarts its stream (new SSRC, new sequence numbers) and
-/// repeats a packet: the browser gets one stream with sequence numbers that
+/// The carrier restarts its stream (new SSRC, new sequence numbers),
+/// repeats a packet, and jumps its numbering: the browser gets one stream with sequence numbers that
 /// go on where they were, every packet once, and str0m's SRTP accepts them
 /// all (a repeated SRTP index would reuse an AES-GCM nonce, so crossbar never
 /// protects one twice).
@@ -564,9 +564,13 @@ fn carrier_stream_restart_and_repeats_reach_the_browser_once_in_sequence() {
     for seq in 5000..5010u16 {
         send(&mut bridge, &mut browser, with_ssrc(seq, 8), &mut now);
     }
+    // The same SSRC jumps 40 000 numbers ahead, which reads as 25 536 behind.
+    for seq in 45000..45005u16 {
+        send(&mut bridge, &mut browser, with_ssrc(seq, 8), &mut now);
+    }
     let seqs: Vec<u16> = browser.got_rtp.iter().map(|(_, s, _)| *s).collect();
-    let expected: Vec<u16> = (100..120).collect();
+    let expected: Vec<u16> = (100..125).collect();
     assert_eq!(seqs, expected, "one stream, in sequence, the repeat dropped");
-    assert_eq!(bridge.own_srtp_packets(Side::B), 20);
-    assert_eq!(bridge.stats().a_to_b_rtp.packets, 20);
+    assert_eq!(bridge.own_srtp_packets(Side::B), 25);
+    assert_eq!(bridge.stats().a_to_b_rtp.packets, 25);
 }
