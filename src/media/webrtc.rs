@@ -241,22 +241,19 @@ impl SeqExtender {
     fn extend(&mut self, seq: u16) -> u64 {
         let v = match self.last {
             None => seq as u64,
-            Some(last) => {
-                let base = last & !0xffff;
-                let cand = base | seq as u64;
-                // Pick the candidate closest to the last one (wrap either way).
-                [cand.wrapping_sub(0x1_0000), cand, cand + 0x1_0000]
-                    .into_iter()
-                    .filter(|c| *c < u64::MAX / 2)
-                    .min_by_key(|c| c.abs_diff(last))
-                    .unwrap_or(cand)
-            }
+            Some(last) => nearest_index(last, seq),
         };
         if self.last.is_none_or(|l| v > l) {
             self.last = Some(v);
         }
         v
     }
+}
+
+/// The 64-bit extension of `seq` closest to `near` (wrapping either way).
+fn nearest_index(near: u64, seq: u16) -> u64 {
+    let cand = (near & !0xffff) | seq as u64;
+    [cand.wrapping_sub(0x1_0000), cand, cand + 0x1_0000].into_iter().filter(|c| *c < u64::MAX / 2).min_by_key(|c| c.abs_diff(near)).unwrap_or(cand)
 }
 
 struct WebRtcLeg {
@@ -383,7 +380,7 @@ impl WebRtcLeg {
     ///
     /// The sequence number passes as it is, shifted only when the other
     /// party starts a new stream (a new SSRC, or the same one with numbers
-    /// far behind those sent, continues after the last number sent), and a
+    /// far from those sent, continues after the last number sent), and a
     /// packet index is never protected twice: a duplicate, or a packet older
     /// than the 64 last indices, is dropped. An SRTP index used twice would
     /// reuse an AES-GCM nonce.
@@ -399,8 +396,21 @@ impl WebRtcLeg {
             own.from_ssrc = Some(h.ssrc);
         }
         let mut seq = h.seq.wrapping_add(own.seq_shift);
-        let mut index = self.seq.extend(seq);
+        let mut index = match own.highest {
+            Some(top) => nearest_index(top, seq),
+            None => self.seq.extend(seq),
+        };
         match own.highest {
+            Some(top) if index.abs_diff(top) > RESTART_AGE => {
+                // Far from what was sent: a jump in the other party's numbering
+                // (an SRTP receiver cannot follow 2^15 either way). Continue
+                // after the last index sent.
+                own.seq_shift = own.seq_shift.wrapping_add((top + 1).wrapping_sub(index) as u16);
+                seq = h.seq.wrapping_add(own.seq_shift);
+                index = top + 1;
+                own.sent = (own.sent << 1) | 1;
+                own.highest = Some(index);
+            }
             Some(top) if index > top => {
                 let shift = index - top;
                 own.sent = if shift >= 64 { 1 } else { (own.sent << shift) | 1 };
@@ -408,19 +418,10 @@ impl WebRtcLeg {
             }
             Some(top) => {
                 let age = top - index;
-                if age > RESTART_AGE {
-                    // Far behind what was sent: not a late packet but a jump in
-                    // the other party's numbering. Continue after the last index.
-                    own.seq_shift = own.seq_shift.wrapping_add((top + 1 - index) as u16);
-                    seq = h.seq.wrapping_add(own.seq_shift);
-                    index = self.seq.extend(seq);
-                    own.sent = (own.sent << 1) | 1;
-                    own.highest = Some(index);
-                } else if age >= 64 || own.sent & (1 << age) != 0 {
+                if age >= 64 || own.sent & (1 << age) != 0 {
                     return OwnSend::Dropped;
-                } else {
-                    own.sent |= 1 << age;
                 }
+                own.sent |= 1 << age;
             }
             None => {
                 own.highest = Some(index);
@@ -465,9 +466,9 @@ struct OwnSrtp {
     sent: u64,
 }
 
-/// A packet this far behind the highest index sent to a browser is taken
-/// for a jump in the other party's sequence numbers, not for a late packet
-/// (20 s of 20 ms audio).
+/// A packet this far from the highest index sent to a browser, either way,
+/// is taken for a jump in the other party's sequence numbers, not for a late
+/// or lost-burst packet (20 s of 20 ms audio).
 const RESTART_AGE: u64 = 1000;
 
 /// What became of a packet for a browser leg.

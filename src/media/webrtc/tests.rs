@@ -564,7 +564,8 @@ fn carrier_stream_restart_and_repeats_reach_the_browser_once_in_sequence() {
     for seq in 5000..5010u16 {
         send(&mut bridge, &mut browser, with_ssrc(seq, 8), &mut now);
     }
-    // The same SSRC jumps 40 000 numbers ahead, which reads as 25 536 behind.
+    // The same SSRC jumps 40 000 numbers ahead: more than an SRTP receiver can
+    // follow (2^15), so they continue after the last number sent too.
     for seq in 45000..45005u16 {
         send(&mut bridge, &mut browser, with_ssrc(seq, 8), &mut now);
     }
