@@ -107,7 +107,7 @@ impl Keys {
 }
 
 /// The SRTP key derivation function (RFC 3711 §4.3, AES-CM PRF, key derivation
-/// rate 0; RFC 7714 §11 for a 96-bit salt and AES-256 master keys).
+/// rate 0; as RFC 7714 uses it with a 96-bit salt and AES-256 master keys).
 fn derive(master: &[u8], salt: &[u8], label: u8, out: &mut [u8]) {
     let mut x = [0u8; 16];
     x[..salt.len()].copy_from_slice(salt);
