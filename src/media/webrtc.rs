@@ -1084,12 +1084,7 @@ fn parse_rtp(d: &[u8]) -> Option<(RtpFields, &[u8])> {
     if (64..96).contains(&pt) {
         return None; // RTCP (RFC 5761 §4) on the RTP port
     }
-    let cc = (d[0] & 0x0f) as usize;
-    let mut off = 12 + 4 * cc;
-    if d[0] & 0x10 != 0 {
-        let ext = d.get(off + 2..off + 4)?;
-        off += 4 + 4 * u16::from_be_bytes([ext[0], ext[1]]) as usize;
-    }
+    let off = srtp::rtp_header_len(d)?;
     let mut end = d.len();
     if d[0] & 0x20 != 0 {
         end = end.checked_sub(*d.last()? as usize)?;
