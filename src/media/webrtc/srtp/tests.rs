@@ -85,6 +85,12 @@ fn material(p: Profile) -> Vec<u8> {
     (0..2 * (p.key_len() + p.salt_len())).map(|i| (i * 7 + 3) as u8).collect()
 }
 
+/// What the DTLS client sends with, and what the server opens it with.
+fn client_to_server(p: Profile) -> (Sender, Receiver) {
+    let m = material(p);
+    (Keys::new(p, &m, true).unwrap().sender(), Keys::new(p, &m, false).unwrap().receiver())
+}
+
 fn packet(tx: &mut Sender, ssrc: u32, index: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; 12 + payload.len() + 16];
     out[0] = 0x80;
@@ -142,9 +148,7 @@ fn a_changed_byte_anywhere_is_refused() {
 #[test]
 fn the_rollover_counter_follows_sequence_number_wraps() {
     for p in PROFILES {
-        let m = material(p);
-        let mut tx = Keys::new(p, &m, true).unwrap().sender();
-        let mut rx = Keys::new(p, &m, false).unwrap().receiver();
+        let (mut tx, mut rx) = client_to_server(p);
         let late = packet(&mut tx, 1, 0x1_ffc0, b"late");
         for index in [0xfff0u64, 0xffff, 0x1_0000, 0x1_0001, 0x1_7000, 0x1_c000, 0x2_0005] {
             let pkt = packet(&mut tx, 1, index, &index.to_be_bytes());
@@ -161,9 +165,7 @@ fn the_rollover_counter_follows_sequence_number_wraps() {
 #[test]
 fn repeats_and_packets_older_than_the_window_are_refused() {
     let p = Profile::AeadAes256Gcm;
-    let m = material(p);
-    let mut tx = Keys::new(p, &m, true).unwrap().sender();
-    let mut rx = Keys::new(p, &m, false).unwrap().receiver();
+    let (mut tx, mut rx) = client_to_server(p);
     let pkts: Vec<Vec<u8>> = (0..100u64).map(|i| packet(&mut tx, 4, 1000 + i, &[i as u8])).collect();
     open_payload(&mut rx, &pkts[10]).unwrap();
     assert_eq!(open_payload(&mut rx, &pkts[10]), Err(Refused::Replayed));
@@ -184,9 +186,7 @@ fn repeats_and_packets_older_than_the_window_are_refused() {
 #[test]
 fn a_new_ssrc_starts_a_new_stream() {
     let p = Profile::AeadAes128Gcm;
-    let m = material(p);
-    let mut tx = Keys::new(p, &m, true).unwrap().sender();
-    let mut rx = Keys::new(p, &m, false).unwrap().receiver();
+    let (mut tx, mut rx) = client_to_server(p);
     open_payload(&mut rx, &packet(&mut tx, 1, 40000, b"a")).unwrap();
     assert_eq!(open_payload(&mut rx, &packet(&mut tx, 2, 10, b"b")).unwrap(), b"b");
     assert_eq!(open_payload(&mut rx, &packet(&mut tx, 2, 11, b"c")).unwrap(), b"c");
