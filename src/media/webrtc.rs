@@ -881,9 +881,9 @@ impl Bridge {
                     Leg::WebRtc(_) => {
                         // Browser to browser: the payload moves out of the outbox first.
                         let mut copy = [0u8; DATAGRAM_ROOM];
-                        copy[..len].copy_from_slice(payload);
+                        let kept = copy.get_mut(..len).map(|c| c.copy_from_slice(payload)).is_some();
                         self.outbox.abandon(start);
-                        forward(&mut self.outbox, &mut self.own_srtp, other, side.other(), &h, &copy[..len], now)
+                        kept && forward(&mut self.outbox, &mut self.own_srtp, other, side.other(), &h, &copy[..len], now)
                     }
                 };
                 self.stats[i].count(sent, 12 + len);
