@@ -640,7 +640,7 @@ impl Worker {
                 let mut g = b.bridge.lock();
                 g.handle_receive(side, from, data, now);
                 let via = Via { ring: self.ring.as_mut(), files: s.pairs.map(|p| self.files[usize::from(p)]) };
-                self.deadlines[slot as usize] = transmit(&mut g, &s.inner, &mut self.out, via);
+                self.deadlines[slot as usize] = transmit(&mut g, &s.inner, &mut s.relayer, &mut self.out, via);
             }
         }
     }
@@ -688,9 +688,14 @@ impl Worker {
             return;
         };
         let mut g = b.bridge.lock();
+        // A plain party whose latch ended (new SDP) is heard again from anywhere.
+        for side in [Side::A, Side::B] {
+            let latched = g.latched(side).map(|a| s.inner.v6_dest(a));
+            s.relayer.bridge_latch(&s.inner, side.rtp_idx(), latched);
+        }
         g.handle_timeout(now);
         let via = Via { ring: self.ring.as_mut(), files: s.pairs.map(|p| self.files[usize::from(p)]) };
-        self.deadlines[slot as usize] = transmit(&mut g, &s.inner, &mut self.out, via);
+        self.deadlines[slot as usize] = transmit(&mut g, &s.inner, &mut s.relayer, &mut self.out, via);
     }
 
     /// Publishes the counters of the sessions that saw packets this turn.
@@ -722,17 +727,26 @@ struct Via<'a> {
 }
 
 /// Sends what the bridge has to send (through `out`); returns its next timeout.
-fn transmit(b: &mut super::webrtc::Bridge, inner: &SessionInner, out: &mut [u8], mut via: Via<'_>) -> Option<Instant> {
+/// A plain party's socket is connected to it once latched, as a relay's is (see
+/// [`Relayer::bridge_dest`]): no route lookup per send, and no stranger heard on it.
+fn transmit(b: &mut super::webrtc::Bridge, inner: &SessionInner, relayer: &mut Relayer, out: &mut [u8], mut via: Via<'_>) -> Option<Instant> {
     while let Some((side, dest, n)) = b.poll_transmit(out) {
-        let dest = inner.v6_dest(dest);
         // A bridge sends from its RTP sockets only (rtcp-mux on the browser's side).
-        let file = via.files[side.rtp_idx() / 2][0];
+        let idx = side.rtp_idx();
+        let latched = b.latched(side).map(|a| inner.v6_dest(a));
+        let dest = relayer.bridge_dest(inner, idx, inner.v6_dest(dest), latched);
+        let file = via.files[idx / 2][0];
         let queued = match via.ring.as_deref_mut() {
-            Some(ring) if file != u32::MAX => ring.send_copy(file, &out[..n], Some(dest), BRIDGE_TAG),
+            Some(ring) if file != u32::MAX => ring.send_copy(file, &out[..n], dest, BRIDGE_TAG),
             _ => false,
         };
         if !queued {
-            if let Err(e) = send_to(inner.sock(side.rtp_idx()), &out[..n], dest) {
+            let sock = inner.sock(idx);
+            let sent = match dest {
+                Some(dest) => send_to(sock, &out[..n], dest).map(drop),
+                None => sock.send(&out[..n]).map(drop),
+            };
+            if let Err(e) = sent {
                 trace!(?side, error = %e, "bridge send failed");
             }
         }

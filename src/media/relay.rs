@@ -398,6 +398,34 @@ impl Relayer {
         }
     }
 
+    /// A bridge's send out of RTP socket `idx` to `dest`, `latched` being where the
+    /// bridge's plain party on that socket sends from (None for a browser leg): as
+    /// [`Relayer::route`] does for a relay, the socket is connected to a latched party.
+    /// Returns the destination to name, None when the socket is connected to it.
+    pub(crate) fn bridge_dest(&mut self, inner: &SessionInner, idx: usize, dest: SocketAddr, latched: Option<SocketAddr>) -> Option<SocketAddr> {
+        self.bridge_latch(inner, idx, latched);
+        if latched == Some(dest) && self.connect_tried[idx] != Some(dest) {
+            self.connect_tried[idx] = Some(dest);
+            if inner.sock(idx).connect(dest).is_ok() {
+                self.connected[idx] = Some(dest);
+            }
+        }
+        (self.connected[idx] != Some(dest)).then_some(dest)
+    }
+
+    /// The bridge's plain party on RTP socket `idx` is now latched to `latched` (None:
+    /// not latched, e.g. after a new SDP address): a socket connected to anyone else is
+    /// disconnected, so that it hears the party wherever it sends from now.
+    pub(crate) fn bridge_latch(&mut self, inner: &SessionInner, idx: usize, latched: Option<SocketAddr>) {
+        if self.connected[idx].is_some() && self.connected[idx] != latched {
+            disconnect(inner.sock(idx));
+            self.connected[idx] = None;
+        }
+        if self.connect_tried[idx] != latched {
+            self.connect_tried[idx] = None;
+        }
+    }
+
     /// The party socket `idx` is connected to: the only source it can receive from.
     pub(crate) fn connected(&self, idx: usize) -> Option<SocketAddr> {
         self.connected[idx]

@@ -834,8 +834,18 @@ impl Bridge {
                     self.stats[i].dropped += 1;
                     return;
                 };
-                // Symmetric RTP: answer where the party really sends from.
-                p.latched = Some(from);
+                // Symmetric RTP: answer where the party really sends from. The first
+                // source wins until the party's SDP moves it, as in a plain relay: a
+                // stranger's packets are dropped (the media thread then connects the
+                // socket to the party, and the kernel drops them).
+                match p.latched {
+                    None => p.latched = Some(from),
+                    Some(l) if l != from => {
+                        self.stats[i].dropped += 1;
+                        return;
+                    }
+                    Some(_) => {}
+                }
                 let sent = match other {
                     Leg::WebRtc(_) => forward(&mut self.outbox, &mut self.own_srtp, other, side.other(), &h, payload, now),
                     Leg::Plain(_) => false,
@@ -982,6 +992,16 @@ impl Bridge {
                     w.dirty = false;
                 }
             }
+        }
+    }
+
+    /// The address a plain leg on `side` has latched to (where its RTP really
+    /// comes from, and where it goes); None for a browser leg or before the
+    /// party's first packet. The media thread connects that leg's socket to it.
+    pub fn latched(&self, side: Side) -> Option<SocketAddr> {
+        match &self.legs[idx(side)] {
+            Leg::Plain(p) => p.latched,
+            Leg::WebRtc(_) => None,
         }
     }
 

@@ -211,6 +211,22 @@ fn carrier_to_browser_offer_answer_and_media() {
     }
     assert!(browser.got_rtp.len() >= 15, "browser got {} packets", browser.got_rtp.len());
     assert!(browser.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && p.len() == 160));
+    assert_eq!(bridge.latched(Side::A), Some(carrier));
+    assert_eq!(bridge.latched(Side::B), None, "a browser leg has no latch");
+
+    // A stranger's RTP on the carrier's port reaches nobody and moves no latch.
+    let stranger: SocketAddr = "127.0.0.9:40000".parse().unwrap();
+    let (got, dropped) = (browser.got_rtp.len(), bridge.stats().a_to_b_rtp.dropped);
+    for seq in 0..5u16 {
+        now += Duration::from_millis(20);
+        bridge.handle_receive(Side::A, stranger, &rtp(0, 3000 + seq), now);
+        bridge.handle_timeout(now);
+        browser.rtc.handle_input(Input::Timeout(now)).unwrap();
+        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
+    }
+    assert_eq!(browser.got_rtp.len(), got, "a stranger's packet reached the browser");
+    assert_eq!(bridge.stats().a_to_b_rtp.dropped, dropped + 5);
+    assert_eq!(bridge.latched(Side::A), Some(carrier));
 
     // Browser → carrier (to the latched carrier address).
     let mid = browser.rtc.direct_api().stream_tx_by_mid(answer_mid(&answer.to_sdp_string()), None).map(|s| s.ssrc());
