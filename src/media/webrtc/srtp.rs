@@ -98,7 +98,7 @@ impl Keys {
     /// What checks and decrypts the peer's RTP.
     pub fn receiver(&self) -> Receiver {
         let (key, salt) = self.master(!self.client);
-        Receiver { cipher: Cipher::new(self.profile, key, salt), stream: None }
+        Receiver { cipher: Cipher::new(self.profile, key, salt), streams: [None; STREAMS] }
     }
 
     pub fn profile(&self) -> Profile {
@@ -264,7 +264,7 @@ fn open<A: AeadInPlace>(aead: &A, iv: &[u8; 12], buf: &mut [u8], hlen: usize, ta
     aead.decrypt_in_place_detached(Nonce::from_slice(iv), head, body, Tag::from_slice(tag)).is_ok()
 }
 
-/// The receive state of the peer's current stream.
+/// The receive state of one of the peer's streams (SSRCs).
 #[derive(Debug, Clone, Copy)]
 struct Stream {
     ssrc: u32,
@@ -275,6 +275,12 @@ struct Stream {
 }
 
 const REPLAY_WINDOW: u64 = 64;
+
+/// SSRCs whose replay state is kept. A browser changes its SSRC now and then
+/// (renegotiation, a new track): the streams it left keep their windows, so
+/// their packets, captured and replayed, are still refused. Beyond this many,
+/// the least recently used stream is forgotten.
+const STREAMS: usize = 4;
 
 /// Why a packet from the peer was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,7 +296,8 @@ pub enum Refused {
 /// Checks and decrypts the peer's RTP.
 pub struct Receiver {
     cipher: Cipher,
-    stream: Option<Stream>,
+    /// Most recently used first.
+    streams: [Option<Stream>; STREAMS],
 }
 
 impl Receiver {
@@ -307,7 +314,8 @@ impl Receiver {
         let buf = out.get_mut(..n).ok_or(Refused::Malformed)?;
         let ssrc = u32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
         let seq = u16::from_be_bytes([pkt[2], pkt[3]]);
-        let stream = self.stream.filter(|s| s.ssrc == ssrc);
+        let pos = self.streams.iter().position(|s| s.is_some_and(|s| s.ssrc == ssrc));
+        let stream = pos.and_then(|p| self.streams[p]);
         let index = match stream {
             Some(s) => estimate_index(s.highest, seq).ok_or(Refused::Replayed)?,
             None => seq as u64,
@@ -344,14 +352,18 @@ impl Receiver {
                 }
             }
         }
-        self.stream = Some(match stream {
+        let updated = match stream {
             Some(s) if index > s.highest => {
                 let shift = index - s.highest;
                 Stream { ssrc, highest: index, window: if shift >= REPLAY_WINDOW { 1 } else { (s.window << shift) | 1 } }
             }
             Some(s) => Stream { window: s.window | (1 << (s.highest - index)), ..s },
             None => Stream { ssrc, highest: index, window: 1 },
-        });
+        };
+        // To the front; a new stream pushes the least recently used one out.
+        let end = pos.unwrap_or(STREAMS - 1);
+        self.streams.copy_within(0..end, 1);
+        self.streams[0] = Some(updated);
         Ok(n)
     }
 }

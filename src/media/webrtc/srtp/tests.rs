@@ -40,7 +40,7 @@ fn protects_the_libsrtp_aes_cm_reference_packet() {
     let expected = hex("800f1234decafbadcafebabe4e55dc4ce79978d88ca4d215949d2402b78d6acc99ea179b8dbb");
     assert_eq!(out[..n].to_vec(), expected);
 
-    let mut rx = Receiver { cipher: Cipher::new(Profile::Aes128CmSha1_80, &master, &salt), stream: None };
+    let mut rx = Receiver { cipher: Cipher::new(Profile::Aes128CmSha1_80, &master, &salt), streams: [None; STREAMS] };
     let mut back = [0u8; 64];
     let m = rx.unprotect(&expected, &mut back).unwrap();
     assert_eq!(back[..m].to_vec(), plain);
@@ -58,7 +58,7 @@ fn gcm_known_answer(profile: Profile, key: &str, protected: &str) {
     out[..12].copy_from_slice(&plain[..12]);
     let n = tx.protect(&mut out, 12, &plain[12..], 0x5501a0b2, 0xf17b).unwrap();
     assert_eq!(out[..n].to_vec(), protected, "{profile:?} protect");
-    let mut rx = Receiver { cipher: Cipher::from_session_keys(profile, &key, &[], &salt), stream: None };
+    let mut rx = Receiver { cipher: Cipher::from_session_keys(profile, &key, &[], &salt), streams: [None; STREAMS] };
     let mut back = [0u8; 128];
     let m = rx.unprotect(&protected, &mut back).unwrap();
     assert_eq!(back[..m].to_vec(), plain, "{profile:?} unprotect");
@@ -190,6 +190,38 @@ fn a_new_ssrc_starts_a_new_stream() {
     open_payload(&mut rx, &packet(&mut tx, 1, 40000, b"a")).unwrap();
     assert_eq!(open_payload(&mut rx, &packet(&mut tx, 2, 10, b"b")).unwrap(), b"b");
     assert_eq!(open_payload(&mut rx, &packet(&mut tx, 2, 11, b"c")).unwrap(), b"c");
+}
+
+/// Streams the peer left keep their replay state: their packets, replayed
+/// after a change of SSRC, are refused, for the last few SSRCs.
+#[test]
+fn replays_of_an_earlier_ssrc_are_refused() {
+    let p = Profile::AeadAes128Gcm;
+    let (mut tx, mut rx) = client_to_server(p);
+    let old: Vec<_> = (0..3).map(|i| packet(&mut tx, 1, 500 + i, b"old")).collect();
+    for pkt in &old {
+        open_payload(&mut rx, pkt).unwrap();
+    }
+    // The browser moves to a new SSRC (new sequence numbers, below the old ones).
+    for i in 0..3 {
+        assert_eq!(open_payload(&mut rx, &packet(&mut tx, 2, 7 + i, b"new")).unwrap(), b"new");
+    }
+    for pkt in &old {
+        assert_eq!(open_payload(&mut rx, pkt), Err(Refused::Replayed), "a replay of the old stream");
+    }
+    // A late packet of the old stream, never received, is still accepted once.
+    let late = packet(&mut tx, 1, 503, b"late");
+    assert_eq!(open_payload(&mut rx, &late).unwrap(), b"late");
+    assert_eq!(open_payload(&mut rx, &late), Err(Refused::Replayed));
+    // The new stream goes on; after it and STREAMS - 2 more SSRCs the old stream is
+    // still known, the least recently used of STREAMS; one more SSRC forgets it.
+    open_payload(&mut rx, &packet(&mut tx, 2, 10, b"new")).unwrap();
+    for ssrc in 3..=STREAMS as u32 {
+        open_payload(&mut rx, &packet(&mut tx, ssrc, 1, b"x")).unwrap();
+    }
+    assert_eq!(open_payload(&mut rx, &old[0]), Err(Refused::Replayed), "still among the last {STREAMS}");
+    open_payload(&mut rx, &packet(&mut tx, 100, 1, b"x")).unwrap();
+    assert_eq!(open_payload(&mut rx, &old[0]).unwrap(), b"old", "forgotten: the least recently used of {STREAMS} + 1");
 }
 
 #[test]
