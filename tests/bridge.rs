@@ -1,0 +1,190 @@
+//! The WebRTC bridge on the media threads, with real UDP sockets on loopback: a str0m
+//! peer plays the browser (full ICE, DTLS-SRTP), plain sockets play the carrier. All
+//! waits are bounded.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crossbar::media::webrtc::LegKind;
+use crossbar::media::{MediaConfig, MediaEngine, MediaIo, MediaSession, Side};
+use str0m::media::Mid;
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpWrite, SeqNo};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+
+const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn engine(io: MediaIo, port_min: u16) -> Option<MediaEngine> {
+    if io == MediaIo::Uring {
+        if let Err(e) = crossbar::media::uring_available() {
+            eprintln!("io_uring unavailable here, io_uring path not tested: {e}");
+            return None;
+        }
+    }
+    let cfg = MediaConfig { bind_ip: LO, public_ip: LO, port_min, port_max: port_min + 99 };
+    Some(MediaEngine::with_io(cfg, 1, io).expect("valid config"))
+}
+
+fn carrier_sdp(port: u16, version: u32) -> String {
+    format!("v=0\r\no=carrier 1 {version} IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n")
+}
+
+/// A 20 ms PCMU packet whose payload is `fill` bytes; the SSRC is the fill byte's too
+/// (a carrier that moves its media usually starts a new stream).
+fn rtp(seq: u16, fill: u8) -> Vec<u8> {
+    let mut p = vec![0x80, 0, (seq >> 8) as u8, seq as u8, 0, 0, 0, 0, 0x0c, 0xa7, 0x1e, fill];
+    p.extend_from_slice(&[fill; 160]);
+    p
+}
+
+/// A browser: str0m over a real socket, driven by hand.
+struct Browser {
+    rtc: Rtc,
+    sock: UdpSocket,
+    local: SocketAddr,
+    connected: bool,
+    /// First payload byte of each RTP packet received.
+    got: Vec<u8>,
+    mid: Option<Mid>,
+    seq: u64,
+}
+
+impl Browser {
+    fn new() -> Browser {
+        let sock = UdpSocket::bind((LO, 0)).expect("bind browser socket");
+        sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+        let local = sock.local_addr().unwrap();
+        let mut rtc = RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_pcmu(true, false).build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+        Browser { rtc, sock, local, connected: false, got: Vec::new(), mid: None, seq: 0 }
+    }
+
+    /// Answers crossbar's offer.
+    fn answer(&mut self, offer: &[u8]) -> Vec<u8> {
+        let offer = str0m::change::SdpOffer::from_sdp_string(std::str::from_utf8(offer).unwrap()).expect("crossbar's offer parses");
+        let answer = self.rtc.sdp_api().accept_offer(offer).expect("the browser accepts crossbar's offer");
+        answer.to_sdp_string().into_bytes()
+    }
+
+    /// Runs str0m for `d`: sends what it sends, feeds it what arrives.
+    fn run(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < end {
+            loop {
+                match self.rtc.poll_output().expect("str0m runs") {
+                    Output::Timeout(_) => break,
+                    Output::Transmit(t) => {
+                        let _ = self.sock.send_to(&t.contents, t.destination);
+                    }
+                    Output::Event(Event::Connected) => self.connected = true,
+                    Output::Event(Event::MediaAdded(m)) => self.mid = Some(m.mid),
+                    Output::Event(Event::RtpPacket(p)) => self.got.push(p.payload.first().copied().unwrap_or(0)),
+                    Output::Event(_) => {}
+                }
+            }
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if let Ok(contents) = buf[..n].try_into() {
+                        let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source: from, destination: self.local, contents });
+                        let _ = self.rtc.handle_input(input);
+                    }
+                }
+                Err(_) => {
+                    let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// Sends one 20 ms PCMU packet of `fill` bytes.
+    fn send(&mut self, fill: u8) {
+        let mid = self.mid.expect("the browser has its media");
+        self.seq += 1;
+        let now = Instant::now();
+        let mut api = self.rtc.direct_api();
+        let tx = api.stream_tx_by_mid(mid, None).expect("the browser has a send stream");
+        tx.write_rtp(RtpWrite::new(0.into(), SeqNo::from(self.seq), (self.seq * 160) as u32, now, vec![fill; 160]));
+        let _ = self.rtc.handle_input(Input::Timeout(now));
+    }
+}
+
+/// Plays the carrier's RTP to the bridge (sequence numbers from `first_seq`) and, if
+/// `browser_sends`, the browser's back, 20 ms apart, for `packets` packets; returns
+/// what the carrier socket got from the bridge.
+fn exchange(browser: &mut Browser, carrier: &UdpSocket, bridge_a: SocketAddr, first_seq: u16, packets: u16, fill: u8, browser_sends: bool) -> Vec<(SocketAddr, u8)> {
+    carrier.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    for seq in first_seq..first_seq + packets {
+        carrier.send_to(&rtp(seq, fill), bridge_a).unwrap();
+        if browser_sends {
+            browser.send(fill);
+        }
+        browser.run(Duration::from_millis(20));
+        while let Ok((n, from)) = carrier.recv_from(&mut buf) {
+            if n > 12 {
+                got.push((from, buf[12]));
+            }
+        }
+    }
+    got
+}
+
+/// A carrier bridged to a browser moves its media (re-INVITE with a new address): the
+/// bridge hears it at the new address and sends there, although the carrier's socket
+/// was connected to the old one while it was latched there.
+fn carrier_moving_its_media_is_heard_at_the_new_address(io: MediaIo, port_min: u16) {
+    let Some(engine) = engine(io, port_min) else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let session: MediaSession = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+    let sdp = session.sdp_adapter().expect("a bridged session adapts SDP");
+    let bridge_a = session.local_rtp(Side::A);
+
+    let old = UdpSocket::bind((LO, 0)).unwrap();
+    let to_browser = sdp.offer(Side::A, carrier_sdp(old.local_addr().unwrap().port(), 1).as_bytes()).expect("carrier offer");
+    let mut browser = Browser::new();
+    let answer = browser.answer(&to_browser);
+    sdp.answer(Side::B, &answer).expect("browser answer");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !browser.connected && Instant::now() < deadline {
+        browser.run(Duration::from_millis(20));
+    }
+    assert!(browser.connected, "ICE and DTLS came up");
+
+    let got = exchange(&mut browser, &old, bridge_a, 0, 25, 0xaa, true);
+    assert!(browser.got.iter().filter(|&&b| b == 0xaa).count() >= 20, "the browser heard the carrier: {:?}", browser.got.len());
+    assert!(got.iter().filter(|(from, b)| *from == bridge_a && *b == 0xaa).count() >= 20, "the carrier heard the browser: {}", got.len());
+
+    // The carrier moves its media; the browser gets the resulting offer and answers.
+    let new = UdpSocket::bind((LO, 0)).unwrap();
+    let re_offer = sdp.offer(Side::A, carrier_sdp(new.local_addr().unwrap().port(), 2).as_bytes()).expect("carrier re-offer");
+    let answer = browser.answer(&re_offer);
+    sdp.answer(Side::B, &answer).expect("browser answer to the re-offer");
+    browser.run(Duration::from_millis(50));
+    // The carrier speaks first (the browser is silent, so nothing is sent to the
+    // carrier that could move the socket's association): it is heard at once.
+    browser.got.clear();
+    exchange(&mut browser, &new, bridge_a, 0, 10, 0xbb, false);
+    assert!(browser.got.iter().filter(|&&b| b == 0xbb).count() >= 8, "the browser heard the carrier's new address before sending: {} packets", browser.got.len());
+    browser.got.clear();
+    let got = exchange(&mut browser, &new, bridge_a, 10, 25, 0xbb, true);
+    assert!(browser.got.iter().filter(|&&b| b == 0xbb).count() >= 20, "the browser heard the carrier's new address: {} packets, {:?}", browser.got.len(), &browser.got[..browser.got.len().min(5)]);
+    assert!(got.iter().filter(|(from, b)| *from == bridge_a && *b == 0xbb).count() >= 20, "the carrier's new address heard the browser: {}", got.len());
+    // And a packet from the old address is a stranger's now.
+    browser.got.clear();
+    old.send_to(&rtp(100, 0xcc), bridge_a).unwrap();
+    browser.run(Duration::from_millis(100));
+    assert!(!browser.got.contains(&0xcc), "a stranger's packet reached the browser");
+    session.close();
+}
+
+#[test]
+fn carrier_moving_its_media_is_heard_at_the_new_address_uring() {
+    carrier_moving_its_media_is_heard_at_the_new_address(MediaIo::Uring, 47000);
+}
+
+#[test]
+fn carrier_moving_its_media_is_heard_at_the_new_address_syscalls() {
+    carrier_moving_its_media_is_heard_at_the_new_address(MediaIo::Syscalls, 47200);
+}
