@@ -141,6 +141,18 @@ fn connect(bridge: &mut Bridge, browsers: &mut [Option<&mut Browser>; 2], now: &
     panic!("ICE + DTLS did not come up");
 }
 
+/// The carrier's side (A) gets RTP from `from`, sequence numbers `seqs`, 20 ms
+/// apart on the virtual clock; the browser on B takes what the bridge sends it.
+fn carrier_rtp(bridge: &mut Bridge, browser: &mut Browser, from: SocketAddr, seqs: std::ops::Range<u16>, now: &mut Instant, plain_out: &mut Vec<(SocketAddr, Vec<u8>)>) {
+    for seq in seqs {
+        *now += Duration::from_millis(20);
+        bridge.handle_receive(Side::A, from, &rtp(0, seq), *now);
+        bridge.handle_timeout(*now);
+        browser.rtc.handle_input(Input::Timeout(*now)).unwrap();
+        pump(bridge, Side::B, browser, *now, plain_out);
+    }
+}
+
 /// The browser's send stream (it writes RTP as a browser would).
 fn send_from_browser(browser: &mut Browser, mid: Mid, seq: u64, now: Instant) {
     let mut api = browser.rtc.direct_api();
@@ -202,13 +214,7 @@ fn carrier_to_browser_offer_answer_and_media() {
     assert!(browser.connected && bridge.is_connected(Side::B), "ICE + DTLS up");
 
     // Carrier → browser.
-    for seq in 0..20u16 {
-        now += Duration::from_millis(20);
-        bridge.handle_receive(Side::A, carrier, &rtp(0, 1000 + seq), now);
-        bridge.handle_timeout(now);
-        browser.rtc.handle_input(Input::Timeout(now)).unwrap();
-        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
-    }
+    carrier_rtp(&mut bridge, &mut browser, carrier, 1000..1020, &mut now, &mut plain_out);
     assert!(browser.got_rtp.len() >= 15, "browser got {} packets", browser.got_rtp.len());
     assert!(browser.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && p.len() == 160));
     assert_eq!(bridge.latched(Side::A), Some(carrier));
@@ -217,13 +223,7 @@ fn carrier_to_browser_offer_answer_and_media() {
     // A stranger's RTP on the carrier's port reaches nobody and moves no latch.
     let stranger: SocketAddr = "127.0.0.9:40000".parse().unwrap();
     let (got, dropped) = (browser.got_rtp.len(), bridge.stats().a_to_b_rtp.dropped);
-    for seq in 0..5u16 {
-        now += Duration::from_millis(20);
-        bridge.handle_receive(Side::A, stranger, &rtp(0, 3000 + seq), now);
-        bridge.handle_timeout(now);
-        browser.rtc.handle_input(Input::Timeout(now)).unwrap();
-        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
-    }
+    carrier_rtp(&mut bridge, &mut browser, stranger, 3000..3005, &mut now, &mut plain_out);
     assert_eq!(browser.got_rtp.len(), got, "a stranger's packet reached the browser");
     assert_eq!(bridge.stats().a_to_b_rtp.dropped, dropped + 5);
     assert_eq!(bridge.latched(Side::A), Some(carrier));
@@ -295,13 +295,7 @@ fn carrier_late_offer_to_browser_media_both_ways() {
     assert!(got.len() >= 15, "carrier got {} packets", got.len());
     assert!(got.iter().all(|(_, p)| parse_rtp(p).is_some_and(|(h, payload)| h.pt == 0 && payload == [0x11; 160])));
     // Carrier → browser.
-    for seq in 0..20u16 {
-        now += Duration::from_millis(20);
-        bridge.handle_receive(Side::A, carrier, &rtp(0, 2000 + seq), now);
-        bridge.handle_timeout(now);
-        browser.rtc.handle_input(Input::Timeout(now)).unwrap();
-        pump(&mut bridge, Side::B, &mut browser, now, &mut plain_out);
-    }
+    carrier_rtp(&mut bridge, &mut browser, carrier, 2000..2020, &mut now, &mut plain_out);
     assert!(browser.got_rtp.len() >= 15, "browser got {} packets", browser.got_rtp.len());
     assert!(browser.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && p.len() == 160));
 }
