@@ -691,7 +691,7 @@ impl Worker {
         // A plain party whose latch ended (new SDP) is heard again from anywhere.
         for side in [Side::A, Side::B] {
             let latched = g.latched(side).map(|a| s.inner.v6_dest(a));
-            s.relayer.bridge_latch(&s.inner, side.rtp_idx(), latched);
+            s.relayer.keep_connection(&s.inner, side.rtp_idx(), latched);
         }
         g.handle_timeout(now);
         let via = Via { ring: self.ring.as_mut(), files: s.pairs.map(|p| self.files[usize::from(p)]) };
@@ -728,13 +728,13 @@ struct Via<'a> {
 
 /// Sends what the bridge has to send (through `out`); returns its next timeout.
 /// A plain party's socket is connected to it once latched, as a relay's is (see
-/// [`Relayer::bridge_dest`]): no route lookup per send, and no stranger heard on it.
+/// [`Relayer::send_dest`]): no route lookup per send, and no stranger heard on it.
 fn transmit(b: &mut super::webrtc::Bridge, inner: &SessionInner, relayer: &mut Relayer, out: &mut [u8], mut via: Via<'_>) -> Option<Instant> {
     while let Some((side, dest, n)) = b.poll_transmit(out) {
         // A bridge sends from its RTP sockets only (rtcp-mux on the browser's side).
         let idx = side.rtp_idx();
         let latched = b.latched(side).map(|a| inner.v6_dest(a));
-        let dest = relayer.bridge_dest(inner, idx, inner.v6_dest(dest), latched);
+        let dest = relayer.send_dest(inner, idx, inner.v6_dest(dest), latched);
         let file = via.files[idx / 2][0];
         let queued = match via.ring.as_deref_mut() {
             Some(ring) if file != u32::MAX => ring.send_copy(file, &out[..n], dest, BRIDGE_TAG),

@@ -248,16 +248,12 @@ impl Relayer {
     /// whose latch was re-armed (new SDP) is disconnected, so that it hears the party's
     /// new address again.
     fn load(&mut self, inner: &SessionInner, slots: &[Slot; 4]) {
-        for (i, (c, s)) in self.cache.iter_mut().zip(slots.iter()).enumerate() {
+        for (i, s) in slots.iter().enumerate() {
+            let c = &mut self.cache[i];
             c.latched = s.latched.is_some();
             c.dest = s.dest().map(|a| inner.v6_dest(a));
-            if self.connected[i].is_some() && (!c.latched || c.dest != self.connected[i]) {
-                disconnect(inner.sock(i));
-                self.connected[i] = None;
-            }
-            if !c.latched || c.dest != self.connect_tried[i] {
-                self.connect_tried[i] = None;
-            }
+            let party = c.dest.filter(|_| c.latched);
+            self.keep_connection(inner, i, party);
         }
     }
 
@@ -359,14 +355,8 @@ impl Relayer {
         // Once the party on `out` is latched, its socket is connected to it: the kernel
         // then skips the route lookup on every send (about a tenth of a send's cost) and
         // drops datagrams from anyone else on that port, as a latched relay should.
-        if self.cache[out].latched && self.connect_tried[out] != Some(dest) {
-            self.connect_tried[out] = Some(dest);
-            if inner.sock(out).connect(dest).is_ok() {
-                self.connected[out] = Some(dest);
-            }
-        }
-        let dest = (self.connected[out] != Some(dest)).then_some(dest);
-        Some(Route { out, dest })
+        let party = self.cache[out].latched.then_some(dest);
+        Some(Route { out, dest: self.send_dest(inner, out, dest, party) })
     }
 
     /// The outcome of sending `data` (received on socket `idx`) out of socket `out`:
@@ -398,13 +388,14 @@ impl Relayer {
         }
     }
 
-    /// A bridge's send out of RTP socket `idx` to `dest`, `latched` being where the
-    /// bridge's plain party on that socket sends from (None for a browser leg): as
-    /// [`Relayer::route`] does for a relay, the socket is connected to a latched party.
-    /// Returns the destination to name, None when the socket is connected to it.
-    pub(crate) fn bridge_dest(&mut self, inner: &SessionInner, idx: usize, dest: SocketAddr, latched: Option<SocketAddr>) -> Option<SocketAddr> {
-        self.bridge_latch(inner, idx, latched);
-        if latched == Some(dest) && self.connect_tried[idx] != Some(dest) {
+    /// A send out of socket `idx` to `dest`, `party` being where the latched party on
+    /// that socket sends from (None: not latched, or a browser leg): the socket is
+    /// connected to a latched party (tried once per address, so a refused connect never
+    /// costs a system call per packet). Returns the destination to name, None when the
+    /// socket is connected to it. Used by [`Relayer::route`] and by bridges.
+    pub(crate) fn send_dest(&mut self, inner: &SessionInner, idx: usize, dest: SocketAddr, party: Option<SocketAddr>) -> Option<SocketAddr> {
+        self.keep_connection(inner, idx, party);
+        if party == Some(dest) && self.connect_tried[idx] != Some(dest) {
             self.connect_tried[idx] = Some(dest);
             if inner.sock(idx).connect(dest).is_ok() {
                 self.connected[idx] = Some(dest);
@@ -413,15 +404,15 @@ impl Relayer {
         (self.connected[idx] != Some(dest)).then_some(dest)
     }
 
-    /// The bridge's plain party on RTP socket `idx` is now latched to `latched` (None:
-    /// not latched, e.g. after a new SDP address): a socket connected to anyone else is
-    /// disconnected, so that it hears the party wherever it sends from now.
-    pub(crate) fn bridge_latch(&mut self, inner: &SessionInner, idx: usize, latched: Option<SocketAddr>) {
-        if self.connected[idx].is_some() && self.connected[idx] != latched {
+    /// The party on socket `idx` is now latched to `party` (None: not latched, e.g.
+    /// after a new SDP address): a socket connected to anyone else is disconnected, so
+    /// that it hears the party wherever it sends from now.
+    pub(crate) fn keep_connection(&mut self, inner: &SessionInner, idx: usize, party: Option<SocketAddr>) {
+        if self.connected[idx].is_some() && self.connected[idx] != party {
             disconnect(inner.sock(idx));
             self.connected[idx] = None;
         }
-        if self.connect_tried[idx] != latched {
+        if self.connect_tried[idx] != party {
             self.connect_tried[idx] = None;
         }
     }
