@@ -3,9 +3,11 @@
 //! waits are bounded.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbar::media::webrtc::LegKind;
+use crossbar::sip::b2bua::SdpAdapter;
 use crossbar::media::{MediaConfig, MediaEngine, MediaIo, MediaSession, Side};
 use str0m::media::Mid;
 use str0m::net::{Protocol, Receive};
@@ -42,6 +44,9 @@ struct Browser {
     rtc: Rtc,
     sock: UdpSocket,
     local: SocketAddr,
+    /// Sockets of networks it left: held open, never read again (what arrives
+    /// there is lost, as on a network that went away).
+    left: Vec<UdpSocket>,
     connected: bool,
     /// First payload byte of each RTP packet received.
     got: Vec<u8>,
@@ -56,7 +61,7 @@ impl Browser {
         let local = sock.local_addr().unwrap();
         let mut rtc = RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_pcmu(true, false).build(Instant::now());
         rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
-        Browser { rtc, sock, local, connected: false, got: Vec::new(), mid: None, seq: 0 }
+        Browser { rtc, sock, local, left: Vec::new(), connected: false, got: Vec::new(), mid: None, seq: 0 }
     }
 
     /// Answers crossbar's offer.
@@ -75,7 +80,9 @@ impl Browser {
                 match self.rtc.poll_output().expect("str0m runs") {
                     Output::Timeout(_) => break,
                     Output::Transmit(t) => {
-                        let _ = self.sock.send_to(&t.contents, t.destination);
+                        if t.source == self.local {
+                            let _ = self.sock.send_to(&t.contents, t.destination);
+                        }
                     }
                     Output::Event(Event::Connected) => self.connected = true,
                     Output::Event(Event::MediaAdded(m)) => self.mid = Some(m.mid),
@@ -95,6 +102,18 @@ impl Browser {
                 }
             }
         }
+    }
+
+    /// Moves to another network: a new socket and host candidate; the old
+    /// candidate is given up (str0m then checks and nominates a pair from the new one).
+    fn move_network(&mut self) {
+        let sock = UdpSocket::bind((LO, 0)).expect("bind browser socket");
+        sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+        let old = Candidate::host(self.local, "udp").unwrap();
+        self.local = sock.local_addr().unwrap();
+        self.rtc.add_local_candidate(Candidate::host(self.local, "udp").unwrap());
+        assert!(self.rtc.direct_api().invalidate_candidate(&old), "the old candidate was known");
+        self.left.push(std::mem::replace(&mut self.sock, sock));
     }
 
     /// Sends one 20 ms PCMU packet of `fill` bytes.
@@ -134,15 +153,12 @@ fn exchange(browser: &mut Browser, carrier: &UdpSocket, bridge_a: SocketAddr, fi
 /// A carrier bridged to a browser moves its media (re-INVITE with a new address): the
 /// bridge hears it at the new address and sends there, although the carrier's socket
 /// was connected to the old one while it was latched there.
-fn carrier_moving_its_media_is_heard_at_the_new_address(io: MediaIo, port_min: u16) {
-    let Some(engine) = engine(io, port_min) else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let session: MediaSession = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+/// A carrier (socket `carrier`) called a browser through the bridge of `session`;
+/// the browser answered, ICE and DTLS came up and media flowed both ways.
+fn carrier_calls_browser(session: &MediaSession, carrier: &UdpSocket) -> (Arc<dyn SdpAdapter>, Browser) {
     let sdp = session.sdp_adapter().expect("a bridged session adapts SDP");
     let bridge_a = session.local_rtp(Side::A);
-
-    let old = UdpSocket::bind((LO, 0)).unwrap();
-    let to_browser = sdp.offer(Side::A, carrier_sdp(old.local_addr().unwrap().port(), 1).as_bytes()).expect("carrier offer");
+    let to_browser = sdp.offer(Side::A, carrier_sdp(carrier.local_addr().unwrap().port(), 1).as_bytes()).expect("carrier offer");
     let mut browser = Browser::new();
     let answer = browser.answer(&to_browser);
     sdp.answer(Side::B, &answer).expect("browser answer");
@@ -152,9 +168,19 @@ fn carrier_moving_its_media_is_heard_at_the_new_address(io: MediaIo, port_min: u
     }
     assert!(browser.connected, "ICE and DTLS came up");
 
-    let got = exchange(&mut browser, &old, bridge_a, 0, 25, 0xaa, true);
+    let got = exchange(&mut browser, carrier, bridge_a, 0, 25, 0xaa, true);
     assert!(browser.got.iter().filter(|&&b| b == 0xaa).count() >= 20, "the browser heard the carrier: {:?}", browser.got.len());
     assert!(got.iter().filter(|(from, b)| *from == bridge_a && *b == 0xaa).count() >= 20, "the carrier heard the browser: {}", got.len());
+    (sdp, browser)
+}
+
+fn carrier_moving_its_media_is_heard_at_the_new_address(io: MediaIo, port_min: u16) {
+    let Some(engine) = engine(io, port_min) else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let session: MediaSession = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+    let bridge_a = session.local_rtp(Side::A);
+    let old = UdpSocket::bind((LO, 0)).unwrap();
+    let (sdp, mut browser) = carrier_calls_browser(&session, &old);
 
     // The carrier moves its media; the browser gets the resulting offer and answers.
     let new = UdpSocket::bind((LO, 0)).unwrap();
@@ -187,4 +213,57 @@ fn carrier_moving_its_media_is_heard_at_the_new_address_uring() {
 #[test]
 fn carrier_moving_its_media_is_heard_at_the_new_address_syscalls() {
     carrier_moving_its_media_is_heard_at_the_new_address(MediaIo::Syscalls, 47200);
+}
+
+/// A browser bridged to a carrier changes networks (new address; its old one goes
+/// silent). While it was heard, the kernel refused strangers on its leg's socket
+/// (connected to it); once it has been quiet for a second the socket hears anyone
+/// again, the browser's ICE checks from its new address get through, it nominates
+/// the new pair, and media flows both ways again from there.
+fn browser_moving_its_network_is_heard_at_the_new_address(io: MediaIo, port_min: u16) {
+    let Some(engine) = engine(io, port_min) else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let session: MediaSession = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+    let (bridge_a, bridge_b) = (session.local_rtp(Side::A), session.local_rtp(Side::B));
+    let carrier = UdpSocket::bind((LO, 0)).unwrap();
+    let (_sdp, mut browser) = carrier_calls_browser(&session, &carrier);
+
+    // The browser's leg is connected to it: the kernel answers a stranger with
+    // "port unreachable" (the stranger's next receive is refused).
+    let stranger = UdpSocket::bind((LO, 0)).unwrap();
+    stranger.connect(bridge_b).unwrap();
+    stranger.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    stranger.send(b"not from the browser").unwrap();
+    let refused = stranger.recv(&mut [0u8; 64]);
+    assert!(matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused), "a stranger was not refused: {refused:?}");
+
+    browser.move_network();
+    let (moved, mut heard, mut got, mut seq) = (browser.local, 0, 0, 1000);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (heard < 20 || got < 20) && Instant::now() < deadline {
+        browser.got.clear();
+        let to_carrier = exchange(&mut browser, &carrier, bridge_a, seq, 25, 0xdd, true);
+        seq += 25;
+        heard = browser.got.iter().filter(|&&b| b == 0xdd).count();
+        got = to_carrier.iter().filter(|(from, b)| *from == bridge_a && *b == 0xdd).count();
+    }
+    assert!(heard >= 20, "the browser at its new address {moved} heard the carrier: {heard} of 25 packets");
+    assert!(got >= 20, "the carrier heard the browser from its new address: {got} of 25 packets");
+    // And it stays there (str0m's own pair may still point at the old address).
+    browser.got.clear();
+    let to_carrier = exchange(&mut browser, &carrier, bridge_a, seq, 150, 0xee, true);
+    let heard = browser.got.iter().filter(|&&b| b == 0xee).count();
+    let got = to_carrier.iter().filter(|(from, b)| *from == bridge_a && *b == 0xee).count();
+    assert!(heard >= 140 && got >= 140, "media went on at the new address for 3 s: the browser heard {heard}, the carrier {got} of 150 packets");
+    session.close();
+}
+
+#[test]
+fn browser_moving_its_network_is_heard_at_the_new_address_uring() {
+    browser_moving_its_network_is_heard_at_the_new_address(MediaIo::Uring, 47400);
+}
+
+#[test]
+fn browser_moving_its_network_is_heard_at_the_new_address_syscalls() {
+    browser_moving_its_network_is_heard_at_the_new_address(MediaIo::Syscalls, 47600);
 }

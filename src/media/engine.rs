@@ -61,7 +61,7 @@ use tracing::{debug, error, trace};
 use super::ports::{PortPool, IDLE_UNBIND};
 use super::relay::{unmap, Relayer, SessionInner};
 use super::uring::{Ring, SLOT_LEN};
-use super::webrtc::BridgeShared;
+use super::webrtc::{Bridge, BridgeShared};
 use super::{MediaIo, Side};
 
 /// Sleep after a turn that found packets, so the next turn serves many at once.
@@ -688,12 +688,13 @@ impl Worker {
             return;
         };
         let mut g = b.bridge.lock();
-        // A plain party whose latch ended (new SDP) is heard again from anywhere.
+        g.handle_timeout(now);
+        // A party whose latch ended (a plain party's new SDP, a quiet browser) is heard
+        // again from anywhere.
         for side in [Side::A, Side::B] {
             let latched = g.latched(side).map(|a| s.inner.v6_dest(a));
             s.relayer.keep_connection(&s.inner, side.rtp_idx(), latched);
         }
-        g.handle_timeout(now);
         let via = Via { ring: self.ring.as_mut(), files: s.pairs.map(|p| self.files[usize::from(p)]) };
         self.deadlines[slot as usize] = transmit(&mut g, &s.inner, &mut s.relayer, &mut self.out, via);
     }
@@ -727,9 +728,10 @@ struct Via<'a> {
 }
 
 /// Sends what the bridge has to send (through `out`); returns its next timeout.
-/// A plain party's socket is connected to it once latched, as a relay's is (see
-/// [`Relayer::send_dest`]): no route lookup per send, and no stranger heard on it.
-fn transmit(b: &mut super::webrtc::Bridge, inner: &SessionInner, relayer: &mut Relayer, out: &mut [u8], mut via: Via<'_>) -> Option<Instant> {
+/// A party's socket is connected to it once latched (see [`Bridge::latched`]), as a
+/// relay's is (see [`Relayer::send_dest`]): no route lookup per send, and no stranger
+/// heard on it.
+fn transmit(b: &mut Bridge, inner: &SessionInner, relayer: &mut Relayer, out: &mut [u8], mut via: Via<'_>) -> Option<Instant> {
     while let Some((side, dest, n)) = b.poll_transmit(out) {
         // A bridge sends from its RTP sockets only (rtcp-mux on the browser's side).
         let idx = side.rtp_idx();

@@ -64,7 +64,7 @@ use crate::sip::b2bua::SdpAdapter;
 use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, FormatParams};
 use str0m::media::{Direction, Frequency, MediaKind, Mid};
@@ -281,6 +281,9 @@ struct WebRtcLeg {
     /// The browser's address: where str0m sends DTLS and SRTCP, then where
     /// authenticated SRTP comes from.
     peer: Option<SocketAddr>,
+    /// When the browser (`peer`) was last heard, while it is not [`QUIET`]: its
+    /// socket is then connected to it (see [`Bridge::latched`]).
+    heard: Option<Instant>,
     /// When str0m next wants `Input::Timeout` (valid while `!dirty`).
     timeout: Option<Instant>,
     /// str0m had input since its output was last drained to `Output::Timeout`.
@@ -289,7 +292,7 @@ struct WebRtcLeg {
 
 impl WebRtcLeg {
     fn new(candidate: SocketAddr) -> WebRtcLeg {
-        WebRtcLeg { rtc: None, candidate, mid: None, tx_ssrc: None, pending: None, offer_in: None, last_answer: None, seq: SeqExtender::default(), codecs: Vec::new(), connected: false, keys: None, own: None, peer: None, timeout: None, dirty: false }
+        WebRtcLeg { rtc: None, candidate, mid: None, tx_ssrc: None, pending: None, offer_in: None, last_answer: None, seq: SeqExtender::default(), codecs: Vec::new(), connected: false, keys: None, own: None, peer: None, heard: None, timeout: None, dirty: false }
     }
 
     /// Hands one RTP packet from the other party to str0m (which adds SRTP).
@@ -470,6 +473,14 @@ struct OwnSrtp {
 /// is taken for a jump in the other party's sequence numbers, not for a late
 /// or lost-burst packet (20 s of 20 ms audio).
 const RESTART_AGE: u64 = 1000;
+
+/// How long a browser leg may go without a packet from its browser before its
+/// socket is disconnected (see [`Bridge::latched`]). A talking browser sends every
+/// 20 ms; a held one still sends RTCP and ICE consent checks every few seconds, so
+/// its socket may come and go (two system calls each time). Browsers give up on a
+/// silent candidate pair after a few seconds, so a browser switching networks finds
+/// the socket open again well before then.
+const QUIET: Duration = Duration::from_secs(1);
 
 /// What became of a packet for a browser leg.
 enum OwnSend {
@@ -867,6 +878,7 @@ impl Bridge {
                 };
                 // Authenticated: this is where the browser is now.
                 w.peer = Some(from);
+                w.heard = Some(now);
                 self.own_srtp[i] += 1;
                 let Some((h, payload)) = parse_rtp(&buf[..n]) else {
                     self.outbox.abandon(start);
@@ -901,6 +913,9 @@ impl Bridge {
             Leg::WebRtc(w) => {
                 let Some(rtc) = w.rtc.as_mut() else { return };
                 let Ok(contents) = data.try_into() else { return };
+                if w.own.is_some() && w.peer == Some(from) {
+                    w.heard = Some(now);
+                }
                 let input = Input::Receive(now, Receive { proto: Protocol::Udp, source: from, destination: w.candidate, contents });
                 if rtc.accepts(&input) {
                     if let Err(e) = rtc.handle_input(input) {
@@ -912,10 +927,14 @@ impl Bridge {
         }
     }
 
-    /// Time passed: feeds due timeouts to the WebRTC legs.
+    /// Time passed: feeds due timeouts to the WebRTC legs, and ends the latch of a
+    /// browser that has gone [`QUIET`].
     pub fn handle_timeout(&mut self, now: Instant) {
         for leg in &mut self.legs {
             if let Leg::WebRtc(w) = leg {
+                if w.heard.is_some_and(|h| h + QUIET <= now) {
+                    w.heard = None;
+                }
                 if let Some(rtc) = w.rtc.as_mut() {
                     if w.timeout.is_none_or(|t| t <= now) {
                         let _ = rtc.handle_input(Input::Timeout(now));
@@ -949,12 +968,20 @@ impl Bridge {
                 }
                 Ok(Output::Transmit(t)) => match buf.get_mut(..t.contents.len()) {
                     Some(out) => {
-                        // DTLS and SRTCP go to the selected pair; STUN answers go wherever a check came from.
+                        // STUN answers go wherever a check came from. DTLS and SRTCP go to
+                        // str0m's selected pair, unless the browser's SRTP was heard from
+                        // elsewhere lately: the browser moved there (new network), and
+                        // str0m keeps its old pair, if that has the higher priority,
+                        // until that pair times out.
+                        let mut dest = t.destination;
                         if t.contents.first().is_some_and(|b| *b >= 20) {
-                            w.peer = Some(t.destination);
+                            match (w.heard, w.peer) {
+                                (Some(_), Some(peer)) => dest = peer,
+                                _ => w.peer = Some(dest),
+                            }
                         }
                         out.copy_from_slice(&t.contents);
-                        return Some((side_of(i), t.destination, t.contents.len()));
+                        return Some((side_of(i), dest, t.contents.len()));
                     }
                     None => tracing::debug!(len = t.contents.len(), "transmit buffer too small, datagram dropped"),
                 },
@@ -995,13 +1022,17 @@ impl Bridge {
         }
     }
 
-    /// The address a plain leg on `side` has latched to (where its RTP really
-    /// comes from, and where it goes); None for a browser leg or before the
-    /// party's first packet. The media thread connects that leg's socket to it.
+    /// The address the party on `side` is latched to; the media thread connects that
+    /// leg's socket to it (no route lookup per send, no stranger heard). A plain
+    /// party: where its RTP really comes from, and where it goes, from its first
+    /// packet until its SDP moves it. A browser: its ICE-selected address once its
+    /// SRTP is up, while it is heard; after [`QUIET`] without a packet from it, None
+    /// (the socket hears anyone again), so that a browser whose network changed can
+    /// complete ICE checks from its new address and move the call there.
     pub fn latched(&self, side: Side) -> Option<SocketAddr> {
         match &self.legs[idx(side)] {
             Leg::Plain(p) => p.latched,
-            Leg::WebRtc(_) => None,
+            Leg::WebRtc(w) => w.heard.and(w.peer),
         }
     }
 
@@ -1010,7 +1041,10 @@ impl Bridge {
         self.legs
             .iter()
             .filter_map(|l| match l {
-                Leg::WebRtc(w) if w.rtc.is_some() => w.timeout,
+                Leg::WebRtc(w) if w.rtc.is_some() => match (w.timeout, w.heard) {
+                    (Some(t), Some(h)) => Some(t.min(h + QUIET)),
+                    (t, h) => t.or(h.map(|h| h + QUIET)),
+                },
                 _ => None,
             })
             .min()

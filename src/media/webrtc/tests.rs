@@ -60,13 +60,15 @@ struct Browser {
     addr: SocketAddr,
     got_rtp: Vec<(u8, u16, Vec<u8>)>,
     connected: bool,
+    /// Its audio's mid, once str0m added the media.
+    mid: Option<Mid>,
 }
 
 impl Browser {
     fn new(addr: SocketAddr, now: Instant) -> Browser {
         let mut rtc = RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_opus(true, false).enable_pcmu(true, false).enable_pcma(true, false).build(now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
-        Browser { rtc, addr, got_rtp: Vec::new(), connected: false }
+        Browser { rtc, addr, got_rtp: Vec::new(), connected: false, mid: None }
     }
 
     /// Poll everything; datagrams for the bridge are returned.
@@ -77,6 +79,7 @@ impl Browser {
                 Output::Timeout(_) => break,
                 Output::Transmit(t) => out.push((t.destination, t.contents.to_vec())),
                 Output::Event(Event::Connected) => self.connected = true,
+                Output::Event(Event::MediaAdded(m)) => self.mid = Some(m.mid),
                 Output::Event(Event::RtpPacket(p)) => self.got_rtp.push((*p.header.payload_type, p.header.sequence_number, p.payload.to_vec())),
                 Output::Event(_) => {}
             }
@@ -218,7 +221,6 @@ fn carrier_to_browser_offer_answer_and_media() {
     assert!(browser.got_rtp.len() >= 15, "browser got {} packets", browser.got_rtp.len());
     assert!(browser.got_rtp.iter().all(|(pt, _, p)| *pt == 0 && p.len() == 160));
     assert_eq!(bridge.latched(Side::A), Some(carrier));
-    assert_eq!(bridge.latched(Side::B), None, "a browser leg has no latch");
 
     // A stranger's RTP on the carrier's port reaches nobody and moves no latch.
     let stranger: SocketAddr = "127.0.0.9:40000".parse().unwrap();
@@ -584,4 +586,33 @@ fn carrier_stream_restart_and_repeats_reach_the_browser_once_in_sequence() {
     assert_eq!(seqs, expected, "one stream, in sequence, the repeat dropped");
     assert_eq!(bridge.own_srtp_packets(Side::B), 25);
     assert_eq!(bridge.stats().a_to_b_rtp.packets, 25);
+}
+
+/// A browser's leg is latched to its ICE-selected address while the browser is
+/// heard (the media thread connects the socket to it), and no longer once it has
+/// been quiet for a second (the socket hears anyone again, so that checks from a
+/// browser's new network get through); its next packet latches it again.
+#[test]
+fn browser_leg_is_latched_while_heard() {
+    let (mut bridge, mut browser, mut now) = carrier_calls_browser(50012);
+    let mid = browser.mid.expect("the browser has its audio");
+    let mut plain_out = Vec::new();
+    let latched_after = |bridge: &mut Bridge, browser: &mut Browser, seq: u64, now: &mut Instant, plain_out: &mut Vec<_>| {
+        *now += Duration::from_millis(20);
+        send_from_browser(browser, mid, seq, *now);
+        bridge.handle_timeout(*now);
+        pump(bridge, Side::B, browser, *now, plain_out);
+        bridge.latched(Side::B)
+    };
+    assert_eq!(latched_after(&mut bridge, &mut browser, 1, &mut now, &mut plain_out), Some(browser.addr));
+    let heard = now;
+    assert!(bridge.poll_timeout().is_some_and(|t| t <= heard + QUIET), "a timer ends the latch");
+    // Quiet for just under a second: still latched; at a second, not.
+    bridge.handle_timeout(heard + QUIET - Duration::from_millis(1));
+    assert_eq!(bridge.latched(Side::B), Some(browser.addr));
+    bridge.handle_timeout(heard + QUIET);
+    assert_eq!(bridge.latched(Side::B), None, "a quiet browser's socket hears anyone");
+    now = heard + QUIET;
+    assert_eq!(latched_after(&mut bridge, &mut browser, 2, &mut now, &mut plain_out), Some(browser.addr), "heard again");
+    assert_eq!(bridge.own_srtp_packets(Side::B), 2);
 }
