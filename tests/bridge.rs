@@ -153,6 +153,15 @@ fn exchange(browser: &mut Browser, carrier: &UdpSocket, bridge_a: SocketAddr, fi
 /// A carrier bridged to a browser moves its media (re-INVITE with a new address): the
 /// bridge hears it at the new address and sends there, although the carrier's socket
 /// was connected to the old one while it was latched there.
+/// Media both ways for `packets` packets (see [`exchange`]): how many of the carrier's
+/// the browser heard, and how many of the browser's reached the carrier from the bridge.
+fn heard_both_ways(browser: &mut Browser, carrier: &UdpSocket, bridge_a: SocketAddr, first_seq: u16, packets: u16, fill: u8) -> (usize, usize) {
+    browser.got.clear();
+    let to_carrier = exchange(browser, carrier, bridge_a, first_seq, packets, fill, true);
+    let heard = browser.got.iter().filter(|&&b| b == fill).count();
+    (heard, to_carrier.iter().filter(|(from, b)| *from == bridge_a && *b == fill).count())
+}
+
 /// A carrier (socket `carrier`) called a browser through the bridge of `session`;
 /// the browser answered, ICE and DTLS came up and media flowed both ways.
 fn carrier_calls_browser(session: &MediaSession, carrier: &UdpSocket) -> (Arc<dyn SdpAdapter>, Browser) {
@@ -168,9 +177,8 @@ fn carrier_calls_browser(session: &MediaSession, carrier: &UdpSocket) -> (Arc<dy
     }
     assert!(browser.connected, "ICE and DTLS came up");
 
-    let got = exchange(&mut browser, carrier, bridge_a, 0, 25, 0xaa, true);
-    assert!(browser.got.iter().filter(|&&b| b == 0xaa).count() >= 20, "the browser heard the carrier: {:?}", browser.got.len());
-    assert!(got.iter().filter(|(from, b)| *from == bridge_a && *b == 0xaa).count() >= 20, "the carrier heard the browser: {}", got.len());
+    let (heard, got) = heard_both_ways(&mut browser, carrier, bridge_a, 0, 25, 0xaa);
+    assert!(heard >= 20 && got >= 20, "media both ways: the browser heard {heard}, the carrier {got} of 25 packets");
     (sdp, browser)
 }
 
@@ -193,10 +201,8 @@ fn carrier_moving_its_media_is_heard_at_the_new_address(io: MediaIo, port_min: u
     browser.got.clear();
     exchange(&mut browser, &new, bridge_a, 0, 10, 0xbb, false);
     assert!(browser.got.iter().filter(|&&b| b == 0xbb).count() >= 8, "the browser heard the carrier's new address before sending: {} packets", browser.got.len());
-    browser.got.clear();
-    let got = exchange(&mut browser, &new, bridge_a, 10, 25, 0xbb, true);
-    assert!(browser.got.iter().filter(|&&b| b == 0xbb).count() >= 20, "the browser heard the carrier's new address: {} packets, {:?}", browser.got.len(), &browser.got[..browser.got.len().min(5)]);
-    assert!(got.iter().filter(|(from, b)| *from == bridge_a && *b == 0xbb).count() >= 20, "the carrier's new address heard the browser: {}", got.len());
+    let (heard, got) = heard_both_ways(&mut browser, &new, bridge_a, 10, 25, 0xbb);
+    assert!(heard >= 20 && got >= 20, "media both ways with the carrier's new address: the browser heard {heard}, the carrier {got} of 25 packets");
     // And a packet from the old address is a stranger's now.
     browser.got.clear();
     old.send_to(&rtp(100, 0xcc), bridge_a).unwrap();
@@ -242,18 +248,13 @@ fn browser_moving_its_network_is_heard_at_the_new_address(io: MediaIo, port_min:
     let deadline = Instant::now() + Duration::from_secs(15);
     while (heard < 20 || got < 20) && Instant::now() < deadline {
         browser.got.clear();
-        let to_carrier = exchange(&mut browser, &carrier, bridge_a, seq, 25, 0xdd, true);
+        (heard, got) = heard_both_ways(&mut browser, &carrier, bridge_a, seq, 25, 0xdd);
         seq += 25;
-        heard = browser.got.iter().filter(|&&b| b == 0xdd).count();
-        got = to_carrier.iter().filter(|(from, b)| *from == bridge_a && *b == 0xdd).count();
     }
     assert!(heard >= 20, "the browser at its new address {moved} heard the carrier: {heard} of 25 packets");
     assert!(got >= 20, "the carrier heard the browser from its new address: {got} of 25 packets");
     // And it stays there (str0m's own pair may still point at the old address).
-    browser.got.clear();
-    let to_carrier = exchange(&mut browser, &carrier, bridge_a, seq, 150, 0xee, true);
-    let heard = browser.got.iter().filter(|&&b| b == 0xee).count();
-    let got = to_carrier.iter().filter(|(from, b)| *from == bridge_a && *b == 0xee).count();
+    let (heard, got) = heard_both_ways(&mut browser, &carrier, bridge_a, seq, 150, 0xee);
     assert!(heard >= 140 && got >= 140, "media went on at the new address for 3 s: the browser heard {heard}, the carrier {got} of 150 packets");
     session.close();
 }
