@@ -475,12 +475,14 @@ struct OwnSrtp {
 const RESTART_AGE: u64 = 1000;
 
 /// How long a browser leg may go without a packet from its browser before its
-/// socket is disconnected (see [`Bridge::latched`]). A talking browser sends every
-/// 20 ms; a held one still sends RTCP and ICE consent checks every few seconds, so
-/// its socket may come and go (two system calls each time). Browsers give up on a
-/// silent candidate pair after a few seconds, so a browser switching networks finds
-/// the socket open again well before then.
-const QUIET: Duration = Duration::from_secs(1);
+/// socket is disconnected (see [`Bridge::latched`]). While connected, the kernel
+/// refuses the browser's packets from any other address: this is how long media from
+/// a browser whose NAT gave it a new port, or that changed networks, is lost before
+/// its SRTP (or its ICE checks) from there get through. A talking browser sends every
+/// 20 ms; a held one still sends RTCP and ICE consent checks every few seconds, so its
+/// socket may come and go (two system calls each time), as it may on a pause in a
+/// browser's sending longer than this: nothing is lost then.
+const QUIET: Duration = Duration::from_millis(250);
 
 /// What became of a packet for a browser leg.
 enum OwnSend {

@@ -590,7 +590,7 @@ fn carrier_stream_restart_and_repeats_reach_the_browser_once_in_sequence() {
 
 /// A browser's leg is latched to its ICE-selected address while the browser is
 /// heard (the media thread connects the socket to it), and no longer once it has
-/// been quiet for a second (the socket hears anyone again, so that checks from a
+/// been [`QUIET`] (the socket hears anyone again, so that checks from a
 /// browser's new network get through); its next packet latches it again.
 #[test]
 fn browser_leg_is_latched_while_heard() {
@@ -607,7 +607,7 @@ fn browser_leg_is_latched_while_heard() {
     assert_eq!(latched_after(&mut bridge, &mut browser, 1, &mut now, &mut plain_out), Some(browser.addr));
     let heard = now;
     assert!(bridge.poll_timeout().is_some_and(|t| t <= heard + QUIET), "a timer ends the latch");
-    // Quiet for just under a second: still latched; at a second, not.
+    // Quiet for just under `QUIET`: still latched; at `QUIET`, not.
     bridge.handle_timeout(heard + QUIET - Duration::from_millis(1));
     assert_eq!(bridge.latched(Side::B), Some(browser.addr));
     bridge.handle_timeout(heard + QUIET);
