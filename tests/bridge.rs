@@ -27,6 +27,35 @@ fn engine(io: MediaIo, port_min: u16) -> Option<MediaEngine> {
     Some(MediaEngine::with_io(cfg, 1, io).expect("valid config"))
 }
 
+/// A session of a plain party (A) bridged to a browser (B) on a media engine of its
+/// own, with the runtime that opened it (both live as long as the test's session).
+fn bridged_session(io: MediaIo, port_min: u16) -> Option<(MediaEngine, tokio::runtime::Runtime, MediaSession)> {
+    let engine = engine(io, port_min)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let session = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+    Some((engine, rt, session))
+}
+
+/// Runs a test function `fn(MediaIo, port_min)` on both I/O paths of the media
+/// threads (ports from `port_min`, and 100 above it for system calls).
+macro_rules! on_both_io_paths {
+    ($name:ident, $port_min:expr) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn uring() {
+                super::$name(MediaIo::Uring, $port_min);
+            }
+
+            #[test]
+            fn syscalls() {
+                super::$name(MediaIo::Syscalls, $port_min + 100);
+            }
+        }
+    };
+}
+
 fn carrier_sdp(port: u16, version: u32) -> String {
     format!("v=0\r\no=carrier 1 {version} IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n")
 }
@@ -37,6 +66,13 @@ fn rtp(seq: u16, fill: u8) -> Vec<u8> {
     let mut p = vec![0x80, 0, (seq >> 8) as u8, seq as u8, 0, 0, 0, 0, 0x0c, 0xa7, 0x1e, fill];
     p.extend_from_slice(&[fill; 160]);
     p
+}
+
+/// A socket for the browser, read with a short timeout (see [`Browser::run`]).
+fn browser_socket() -> UdpSocket {
+    let sock = UdpSocket::bind((LO, 0)).expect("bind browser socket");
+    sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+    sock
 }
 
 /// A browser: str0m over a real socket, driven by hand.
@@ -56,8 +92,7 @@ struct Browser {
 
 impl Browser {
     fn new() -> Browser {
-        let sock = UdpSocket::bind((LO, 0)).expect("bind browser socket");
-        sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+        let sock = browser_socket();
         let local = sock.local_addr().unwrap();
         let mut rtc = RtcConfig::new().set_rtp_mode(true).clear_codecs().enable_pcmu(true, false).build(Instant::now());
         rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
@@ -107,8 +142,7 @@ impl Browser {
     /// Moves to another network: a new socket and host candidate; the old
     /// candidate is given up (str0m then checks and nominates a pair from the new one).
     fn move_network(&mut self) {
-        let sock = UdpSocket::bind((LO, 0)).expect("bind browser socket");
-        sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+        let sock = browser_socket();
         let old = Candidate::host(self.local, "udp").unwrap();
         self.local = sock.local_addr().unwrap();
         self.rtc.add_local_candidate(Candidate::host(self.local, "udp").unwrap());
@@ -119,8 +153,7 @@ impl Browser {
     /// Its NAT gives it a new port: the same local address for str0m, another
     /// socket on the wire (the old one is left unread).
     fn rebind_nat(&mut self) {
-        let sock = UdpSocket::bind((LO, 0)).expect("bind browser socket");
-        sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+        let sock = browser_socket();
         self.left.push(std::mem::replace(&mut self.sock, sock));
     }
 
@@ -191,9 +224,7 @@ fn carrier_calls_browser(session: &MediaSession, carrier: &UdpSocket) -> (Arc<dy
 }
 
 fn carrier_moving_its_media_is_heard_at_the_new_address(io: MediaIo, port_min: u16) {
-    let Some(engine) = engine(io, port_min) else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let session: MediaSession = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+    let Some((_engine, _rt, session)) = bridged_session(io, port_min) else { return };
     let bridge_a = session.local_rtp(Side::A);
     let old = UdpSocket::bind((LO, 0)).unwrap();
     let (sdp, mut browser) = carrier_calls_browser(&session, &old);
@@ -218,16 +249,7 @@ fn carrier_moving_its_media_is_heard_at_the_new_address(io: MediaIo, port_min: u
     assert!(!browser.got.contains(&0xcc), "a stranger's packet reached the browser");
     session.close();
 }
-
-#[test]
-fn carrier_moving_its_media_is_heard_at_the_new_address_uring() {
-    carrier_moving_its_media_is_heard_at_the_new_address(MediaIo::Uring, 47000);
-}
-
-#[test]
-fn carrier_moving_its_media_is_heard_at_the_new_address_syscalls() {
-    carrier_moving_its_media_is_heard_at_the_new_address(MediaIo::Syscalls, 47200);
-}
+on_both_io_paths!(carrier_moving_its_media_is_heard_at_the_new_address, 47000);
 
 /// A browser bridged to a carrier changes networks (new address; its old one goes
 /// silent). While it was heard, the kernel refused strangers on its leg's socket
@@ -235,9 +257,7 @@ fn carrier_moving_its_media_is_heard_at_the_new_address_syscalls() {
 /// again, the browser's ICE checks from its new address get through, it nominates
 /// the new pair, and media flows both ways again from there.
 fn browser_moving_its_network_is_heard_at_the_new_address(io: MediaIo, port_min: u16) {
-    let Some(engine) = engine(io, port_min) else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let session: MediaSession = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+    let Some((_engine, _rt, session)) = bridged_session(io, port_min) else { return };
     let (bridge_a, bridge_b) = (session.local_rtp(Side::A), session.local_rtp(Side::B));
     let carrier = UdpSocket::bind((LO, 0)).unwrap();
     let (_sdp, mut browser) = carrier_calls_browser(&session, &carrier);
@@ -255,6 +275,7 @@ fn browser_moving_its_network_is_heard_at_the_new_address(io: MediaIo, port_min:
     media_resumes(&mut browser, &carrier, bridge_a);
     session.close();
 }
+on_both_io_paths!(browser_moving_its_network_is_heard_at_the_new_address, 47400);
 
 /// After the browser moved (new network, or a NAT that gave it a new port), media
 /// flows both ways again within a bounded wait, and then stays: at least 140 of 150
@@ -276,9 +297,7 @@ fn media_resumes(browser: &mut Browser, carrier: &UdpSocket, bridge_a: SocketAdd
 /// candidate: its SRTP simply comes from elsewhere) is heard there again once its old
 /// port has been quiet for a moment, and media flows both ways from the new port.
 fn browser_behind_a_rebinding_nat_is_heard_at_its_new_port(io: MediaIo, port_min: u16) {
-    let Some(engine) = engine(io, port_min) else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let session: MediaSession = rt.block_on(engine.open_session_with([LegKind::Plain, LegKind::WebRtc])).expect("ports");
+    let Some((_engine, _rt, session)) = bridged_session(io, port_min) else { return };
     let bridge_a = session.local_rtp(Side::A);
     let carrier = UdpSocket::bind((LO, 0)).unwrap();
     let (_sdp, mut browser) = carrier_calls_browser(&session, &carrier);
@@ -286,23 +305,4 @@ fn browser_behind_a_rebinding_nat_is_heard_at_its_new_port(io: MediaIo, port_min
     media_resumes(&mut browser, &carrier, bridge_a);
     session.close();
 }
-
-#[test]
-fn browser_behind_a_rebinding_nat_is_heard_at_its_new_port_uring() {
-    browser_behind_a_rebinding_nat_is_heard_at_its_new_port(MediaIo::Uring, 47800);
-}
-
-#[test]
-fn browser_behind_a_rebinding_nat_is_heard_at_its_new_port_syscalls() {
-    browser_behind_a_rebinding_nat_is_heard_at_its_new_port(MediaIo::Syscalls, 47900);
-}
-
-#[test]
-fn browser_moving_its_network_is_heard_at_the_new_address_uring() {
-    browser_moving_its_network_is_heard_at_the_new_address(MediaIo::Uring, 47400);
-}
-
-#[test]
-fn browser_moving_its_network_is_heard_at_the_new_address_syscalls() {
-    browser_moving_its_network_is_heard_at_the_new_address(MediaIo::Syscalls, 47600);
-}
+on_both_io_paths!(browser_behind_a_rebinding_nat_is_heard_at_its_new_port, 47800);
