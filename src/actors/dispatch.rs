@@ -30,7 +30,7 @@ impl Sink for Node {
 
     fn on_message(&self, bytes: &[u8], peer: Peer) {
         // Only refusals name the host: rendered when one is sent.
-        let host = || self.advertised_ip.to_string();
+        let host = || self.advertised.clone();
         let incoming = match Incoming::parse(bytes, peer) {
             Ok(m) => m,
             Err(e) => {
@@ -111,7 +111,7 @@ impl Node {
         if t.pending.fetch_add(1, Ordering::Relaxed) >= super::node::TENANT_QUEUE_LIMIT {
             t.pending.fetch_sub(1, Ordering::Relaxed);
             if let Some(req) = m.request() {
-                let r = msg::unavailable(req, &stateless_tag(&m), &self.advertised_ip.to_string(), "tenant overloaded", "tenant request queue full", 1);
+                let r = msg::unavailable(req, &stateless_tag(&m), &self.advertised, "tenant overloaded", "tenant request queue full", 1);
                 self.send(m.peer, msg::response_bytes(&r));
             }
             return;

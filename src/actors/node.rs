@@ -44,6 +44,10 @@ pub struct Node {
     pub carrier_sources: HashSet<IpAddr>,
     pub trunk_outbound: Option<SocketAddr>,
     pub advertised_ip: IpAddr,
+    /// `advertised_ip` as text, formatted once: it goes into messages of every call.
+    pub advertised: String,
+    /// `advertised_ip` as the host of a Via sent-by (an IPv6 address in brackets).
+    via_host: String,
     pub nonces: NonceSecret,
     pub timers: TimerConfig,
     /// Calls in progress on this node (admission: `node.max_calls`).
@@ -77,11 +81,12 @@ pub struct Routing {
 
 impl Node {
     pub fn sent_by(&self, proto: Proto) -> String {
-        let ip = match self.advertised_ip {
-            IpAddr::V6(v6) => format!("[{v6}]"),
-            v4 => v4.to_string(),
-        };
-        format!("{ip}:{}", self.transports.port(proto))
+        let port = self.transports.port(proto);
+        let mut s = String::with_capacity(self.via_host.len() + 6);
+        s.push_str(&self.via_host);
+        s.push(':');
+        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{port}"));
+        s
     }
 
     pub fn send(&self, peer: Peer, bytes: Vec<u8>) {
@@ -167,8 +172,14 @@ pub async fn start(config: Config) -> Result<(Arc<Node>, ActorRef<NodeMsg>), Box
     }, config.media.threads, config.media.io)?;
     let (t1, t2, t4) = config.timers();
     let trunk = config.trunks.first();
+    let advertised_ip = config.advertised_ip().expect("validated: config has an advertised address");
     let node = Arc::new(Node {
-        advertised_ip: config.advertised_ip().expect("validated: config has an advertised address"),
+        advertised_ip,
+        advertised: advertised_ip.to_string(),
+        via_host: match advertised_ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        },
         carrier_sources: config.trunks.iter().flat_map(|t| t.inbound_sources.iter().copied()).collect(),
         trunk_outbound: trunk.and_then(|t| t.outbound),
         config: Arc::new(config),

@@ -249,7 +249,7 @@ impl TenantState {
     }
 
     fn host(&self) -> String {
-        self.node().advertised_ip.to_string()
+        self.node().advertised.clone()
     }
 
     fn respond(&self, m: &Incoming, req: &Request, code: u16, why: &str) {
@@ -357,7 +357,7 @@ impl TenantState {
                 return self.respond(&m, &req, 404, "unknown number (DID)");
             };
             did_used = Some(did);
-            let from = format!("<sip:{caller}@{}>", node.advertised_ip);
+            let from = format!("<sip:{caller}@{}>", node.advertised);
             self.route_to_extension(&m, &req, &ext, from, now)
         } else {
             let user = match self.authenticate(&m, &req, "Proxy-Authorization") {
@@ -382,7 +382,7 @@ impl TenantState {
                 };
                 direction = cdr::Direction::Outbound;
                 did_used = Some(cli.clone());
-                Some((format!("sip:{number}@{trunk}"), Peer { proto: Proto::Udp, addr: trunk }, format!("<sip:{cli}@{}>", node.advertised_ip), format!("<sip:{number}@{trunk}>")))
+                Some((format!("sip:{number}@{trunk}"), Peer { proto: Proto::Udp, addr: trunk }, format!("<sip:{cli}@{}>", node.advertised), format!("<sip:{number}@{trunk}>")))
             } else {
                 return self.respond(&m, &req, 404, "no such extension or number in this tenant");
             }
@@ -401,7 +401,7 @@ impl TenantState {
         // A browser leg (SIP over WebSocket) gets WebRTC media (str0m), any other plain RTP.
         let kind = |p: Peer| if p.proto.is_websocket() { crate::media::webrtc::LegKind::WebRtc } else { crate::media::webrtc::LegKind::Plain };
         let unset: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
-        let b_call_id = format!("{}@{}", crate::sip::transaction::new_tag(), node.advertised_ip);
+        let b_call_id = crate::sip::transaction::new_call_id(&node.advertised);
         let setup = CallSetup {
             a_invite: req,
             a_peer: m.peer,
@@ -417,7 +417,7 @@ impl TenantState {
             media_b: unset,
             timers: node.timers,
             ring_timeout: Duration::from_secs(node.config.sip.ring_timeout_s),
-            server_name: node.advertised_ip.to_string(),
+            server_name: node.advertised.clone(),
             sdp_adapter: None,
             // RFC 3455: the number the carrier called, so the agent sees which DID rang.
             b_extra_headers: match (&did_used, from_carrier) {

@@ -1029,6 +1029,31 @@ pub fn new_tag() -> String {
     random_token(16)
 }
 
+/// A Call-ID for a leg crossbar starts: 12 hex digits of a node-wide counter,
+/// 16 random alphanumerics (~95 bits: §8.1.1.4 recommends cryptographic
+/// randomness, and the random part carries it) and `@host`.
+///
+/// The counter starts at a random value (the Call-ID does not tell how many calls
+/// a node has made) and makes consecutive Call-IDs sort next to each other. A peer
+/// that keeps its calls in an ordered map finds them on a few hot cache lines
+/// instead of walking a random path per message: SIPp does (a `std::map` by
+/// Call-ID), and behind crossbar its UAS spent 84 µs per call with fully random
+/// Call-IDs against 67 µs called directly by SIPp's numbered ones, the
+/// difference being that map's lookups (perf; `bench/cps.sh`'s calls, 2,000/s).
+pub fn new_call_id(host: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    const COUNTER_MASK: u64 = (1 << 48) - 1;
+    static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+    let n = NEXT.get_or_init(|| AtomicU64::new(rand::thread_rng().gen::<u64>() & COUNTER_MASK)).fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
+    let mut id = String::with_capacity(12 + 16 + 1 + host.len());
+    let _ = write!(id, "{n:012x}");
+    id.push_str(&random_token(16));
+    id.push('@');
+    id.push_str(host);
+    id
+}
+
 fn first(headers: &Headers, pred: impl Fn(&Header) -> bool) -> Option<&Header> {
     headers.iter().find(|h| pred(h))
 }
@@ -2173,6 +2198,24 @@ Content-Length: 0
         let t = new_tag();
         assert!(t.len() >= 8 && t.chars().all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(t, new_tag());
+    }
+
+    #[test]
+    fn call_ids_sort_in_creation_order_and_keep_their_randomness() {
+        let ids: Vec<String> = (0..200).map(|_| new_call_id("192.0.2.1")).collect();
+        for id in &ids {
+            let (local, host) = id.split_once('@').expect("Call-ID has an @host");
+            assert_eq!(host, "192.0.2.1");
+            assert_eq!(local.len(), 28, "{id}");
+            assert!(local[..12].chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+            assert!(local[12..].chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
+        }
+        // Consecutive ids of this thread follow each other (other tests may take
+        // numbers in between); the 48-bit counter may wrap once, nowhere else.
+        let wraps = ids.windows(2).filter(|w| w[1] < w[0]).count();
+        assert!(wraps <= 1, "out of order: {ids:?}");
+        let randoms: std::collections::HashSet<&str> = ids.iter().map(|id| &id[12..28]).collect();
+        assert_eq!(randoms.len(), ids.len(), "the random parts repeat");
     }
 
     #[test]
