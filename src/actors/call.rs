@@ -117,16 +117,17 @@ impl CallShared {
                 // The WAV is built off the media thread; the CDR is completed with it.
                 let (cdr, store, writer, tenant) = (self.cdr.clone(), self.store.clone(), node.writer.clone(), self.tenant.clone());
                 tokio::spawn(async move {
+                    let mut cdr = cdr;
                     let wav = media.finish_recording().await;
                     media.close();
-                    store_end(cdr, wav, &rec, &store, &writer, &tenant);
+                    store_end(&mut cdr, wav, &rec, &store, &writer, &tenant);
                 });
             }
             (_, media) => {
                 if let Some(m) = media {
                     m.close();
                 }
-                store_end(self.cdr.clone(), None, &RecordingBudget::default(), &self.store, &node.writer, &self.tenant);
+                store_end(&mut self.cdr, None, &RecordingBudget::default(), &self.store, &node.writer, &self.tenant);
             }
         }
         tracing::info!(
@@ -154,7 +155,7 @@ pub struct RecordingBudget {
 }
 
 /// Writes a call's final CDR (and its recording, if any) in one batch.
-fn store_end(mut cdr: Cdr, wav: Option<crate::media::Recording>, budget: &RecordingBudget, store: &ScopedStore, writer: &crate::store::writer::RecordWriter, tenant: &str) {
+fn store_end(cdr: &mut Cdr, wav: Option<crate::media::Recording>, budget: &RecordingBudget, store: &ScopedStore, writer: &crate::store::writer::RecordWriter, tenant: &str) {
     let mut ops = Vec::new();
     if let Some(rec) = wav {
         let used = budget.used.fetch_add(rec.wav.len() as u64, Ordering::Relaxed) + rec.wav.len() as u64;
