@@ -2,9 +2,13 @@
 
 use crossbar::config::Config;
 
-/// mimalloc: allocation was 15% of a call's CPU with glibc's malloc (measured with perf under bench/cps.sh).
+/// jemalloc. Allocation was 15 % of a call's CPU with glibc's malloc; mimalloc
+/// (sessions 2-9) spent ~19 % of it in its allocator, mostly in blocks freed by
+/// the other worker thread (a message is parsed on one, its call runs on
+/// another). jemalloc used 4-8 % less CPU per call than mimalloc v3
+/// (`bench/cps-pair.sh`, 1,200 and 2,000 calls/s, six runs, 2026-11-23).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
