@@ -115,9 +115,8 @@ impl CallShared {
         match (self.recording.take(), media) {
             (Some(rec), Some(media)) => {
                 // The WAV is built off the media thread; the CDR is completed with it.
-                let (cdr, store, writer, tenant) = (self.cdr.clone(), self.store.clone(), node.writer.clone(), self.tenant.clone());
+                let (mut cdr, store, writer, tenant) = (self.cdr.clone(), self.store.clone(), node.writer.clone(), self.tenant.clone());
                 tokio::spawn(async move {
-                    let mut cdr = cdr;
                     let wav = media.finish_recording().await;
                     media.close();
                     store_end(&mut cdr, wav, &rec, &store, &writer, &tenant);

@@ -81,12 +81,7 @@ pub struct Routing {
 
 impl Node {
     pub fn sent_by(&self, proto: Proto) -> String {
-        let port = self.transports.port(proto);
-        let mut s = String::with_capacity(self.via_host.len() + 6);
-        s.push_str(&self.via_host);
-        s.push(':');
-        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{port}"));
-        s
+        format!("{}:{}", self.via_host, self.transports.port(proto))
     }
 
     pub fn send(&self, peer: Peer, bytes: Vec<u8>) {
