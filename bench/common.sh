@@ -62,7 +62,7 @@ max_calls = 200000
 udp = ["127.0.0.1:$2"]
 tcp = ["127.0.0.1:$2"]
 advertised_ip = "127.0.0.1"
-overload_wait_ms = ${OVERLOAD_WAIT_MS:-250}
+overload_wait_ms = ${OVERLOAD_WAIT_MS:-100}
 
 [media]
 bind_ip = "127.0.0.1"

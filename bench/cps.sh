@@ -8,7 +8,7 @@
 # env:   STEP_S (seconds per rate, default 10), CROSSBAR_BIN (skip the build),
 #        ONLY=direct|crossbar (run one side only), PIN=1 (crossbar on CPU 1, SIPp on CPU 0;
 #        off by default here: the baseline is SIPp direct using the whole machine)
-#        OVERLOAD_WAIT_MS (crossbar's sip.overload_wait_ms, default 250)
+#        OVERLOAD_WAIT_MS (crossbar's sip.overload_wait_ms, default 100)
 #        KAMAILIO=1 (also ramp through Kamailio as a stateful proxy with record-routing,
 #        the yardstick: half a B2BUA's work, no media, no records; needs the
 #        Debian package kamailio)

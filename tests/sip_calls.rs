@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const ACME: &str = "acme.localhost";
 const GLOBEX: &str = "globex.localhost";
@@ -497,14 +497,14 @@ fn carrier_invite(sock: &UdpSocket, cb: &Crossbar, call_id: &str, fault: Option<
     .into_bytes()
 }
 
-/// A new call whose INVITE waited `sip.overload_wait_ms` (250) inside the node is
+/// A new call whose INVITE waited `sip.overload_wait_ms` (250 here) inside the node is
 /// refused with 503 before it costs a call; once the node keeps up, calls are
 /// handled again. The wait is made with a test-only hook that holds the tenant
 /// actor up for 600 ms, as a node short of CPU would.
 #[cfg(feature = "fault-injection")]
 #[test]
 fn new_calls_that_waited_too_long_in_an_overloaded_node_get_503() {
-    let cb = Crossbar::start(NodeConfig::new());
+    let cb = Crossbar::start(NodeConfig { overload_wait_ms: 250, ..NodeConfig::new() });
     let bind = || {
         let s = UdpSocket::bind((CARRIER, 0)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
@@ -525,4 +525,46 @@ fn new_calls_that_waited_too_long_in_an_overloaded_node_get_503() {
     let resp = udp_exchange(&later, cb.sip_addr(), &carrier_invite(&later, &cb, "ovl-3", None), Duration::from_secs(5));
     assert_eq!(resp.as_deref().and_then(status_code), Some(480), "{}", cb.report());
     assert!(cb.wait_stderr_line("node overloaded: new calls refused with 503", Duration::from_secs(5)), "{}", cb.report());
+}
+
+/// The wait counts from when the datagram reached the host, not from when crossbar
+/// read it: an INVITE that sat in the SIP socket's buffer while the receive loop was
+/// held up (a test-only hook stalls it for 600 ms, as a node short of CPU would) is
+/// refused with 503 "node overloaded", though crossbar handles it the moment it reads
+/// it. Measured from the read (as before), it would have been routed (480).
+#[cfg(feature = "fault-injection")]
+#[test]
+fn time_in_the_socket_buffer_counts_as_waiting() {
+    let cb = Crossbar::start(NodeConfig { overload_wait_ms: 250, ..NodeConfig::new() });
+    let bind = || {
+        let s = UdpSocket::bind((CARRIER, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        s
+    };
+    let (stall, queued, later) = (bind(), bind(), bind());
+    // Any request holds the loop up; an OPTIONS gets its 200 once the stall is over.
+    let options = format!(
+        "OPTIONS sip:{target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-stall\r\nMax-Forwards: 70\r\n\
+         From: <sip:probe@{ip}>;tag=stall\r\nTo: <sip:{target}>\r\nCall-ID: stall-transport\r\nCSeq: 1 OPTIONS\r\n\
+         X-Crossbar-Fault: stall-transport\r\nContent-Length: 0\r\n\r\n",
+        target = cb.sip_addr(),
+        me = stall.local_addr().unwrap(),
+        ip = CARRIER,
+    );
+    stall.send_to(options.as_bytes(), cb.sip_addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let sent = Instant::now();
+    queued.send_to(&carrier_invite(&queued, &cb, "sockwait-1", None), cb.sip_addr()).unwrap();
+    let resp = collect_final(&queued, Duration::from_secs(5)).map(|m| String::from_utf8_lossy(&m).into_owned());
+    let resp = resp.unwrap_or_else(|| panic!("no final response to the queued INVITE\n{}", cb.report()));
+    assert!(sent.elapsed() >= Duration::from_millis(400), "the INVITE was answered before the stall ended: {resp}\n{}", cb.report());
+    assert_eq!(status_code(resp.as_bytes()), Some(503), "{resp}\n{}", cb.report());
+    assert!(header(&resp, "Reason").is_some_and(|r| r.contains("node overloaded")), "{resp}");
+    assert_eq!(header(&resp, "Retry-After"), Some("1"), "{resp}");
+    // The OPTIONS itself was answered, late; and the next call is routed again
+    // (1001 is not registered: 480).
+    let ok = collect_final(&stall, Duration::from_secs(5)).map(|m| String::from_utf8_lossy(&m).into_owned());
+    assert_eq!(ok.as_deref().map(str::as_bytes).and_then(status_code), Some(200), "{ok:?}\n{}", cb.report());
+    let resp = udp_exchange(&later, cb.sip_addr(), &carrier_invite(&later, &cb, "sockwait-2", None), Duration::from_secs(5));
+    assert_eq!(resp.as_deref().and_then(status_code), Some(480), "{}", cb.report());
 }

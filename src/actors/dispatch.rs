@@ -28,11 +28,14 @@ impl Sink for Node {
         }
     }
 
-    fn on_message(&self, bytes: &[u8], peer: Peer) {
+    fn on_message_at(&self, bytes: &[u8], peer: Peer, received: std::time::Instant) {
         // Only refusals name the host: rendered when one is sent.
         let host = || self.advertised.clone();
         let incoming = match Incoming::parse(bytes, peer) {
-            Ok(m) => m,
+            Ok(mut m) => {
+                m.received = received;
+                m
+            }
             Err(e) => {
                 tracing::debug!(from = %peer.addr, "refusing malformed message: {e}");
                 if let Some(resp) = msg::error_response_raw(bytes, e.status(), &host(), &e.to_string()) {
@@ -41,6 +44,12 @@ impl Sink for Node {
                 return;
             }
         };
+        // Test-only: the receive loop is held up, as on a node short of CPU; what
+        // arrives meanwhile waits in the socket's buffer.
+        #[cfg(feature = "fault-injection")]
+        if incoming.header("X-Crossbar-Fault").is_some_and(|v| v.trim() == "stall-transport") {
+            std::thread::sleep(std::time::Duration::from_millis(600));
+        }
         if let Some(call) = self.calls.get(&incoming.call_id) {
             let _ = call.cast(CallMsg::Sip(Box::new(incoming)));
             return;

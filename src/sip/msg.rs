@@ -92,7 +92,8 @@ impl MessageError {
 pub struct Incoming {
     pub msg: SipMessage,
     pub peer: Peer,
-    /// When it was parsed, just off the wire: how long it waits inside crossbar.
+    /// When it reached the host (a UDP datagram's kernel receive time; else when it
+    /// was parsed, just off the wire): how long it waits inside crossbar.
     pub received: std::time::Instant,
     pub call_id: String,
     pub cseq: u32,

@@ -7,18 +7,27 @@
 use super::msg::{Peer, Proto};
 use dashmap::DashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 /// Largest SIP message accepted on a stream (bigger frames close the connection).
 const MAX_STREAM_MESSAGE: usize = 64 * 1024;
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// A receive timestamp older than this comes from a wall-clock step, not from a wait.
+const MAX_STAMP_AGE: Duration = Duration::from_secs(10);
 
 /// Receives every message (one datagram / one framed TCP message).
 pub trait Sink: Send + Sync + 'static {
-    fn on_message(&self, bytes: &[u8], peer: Peer);
+    fn on_message(&self, bytes: &[u8], peer: Peer) {
+        self.on_message_at(bytes, peer, Instant::now());
+    }
+    /// A message that reached the host at `received` (the kernel's receive time on
+    /// UDP, where a datagram can wait in the socket's buffer before it is read).
+    fn on_message_at(&self, bytes: &[u8], peer: Peer, received: Instant);
     /// A connection-oriented peer is gone (WebSocket closed): its registrations go with it.
     fn on_closed(&self, _peer: Peer) {}
 }
@@ -343,7 +352,7 @@ impl Transports {
 
 struct NullSink;
 impl Sink for NullSink {
-    fn on_message(&self, _: &[u8], _: Peer) {}
+    fn on_message_at(&self, _: &[u8], _: Peer, _: Instant) {}
 }
 
 enum Frame {
@@ -393,14 +402,45 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     s.set_nonblocking(true)?;
+    // Each datagram carries the time it reached the host (read with it in `udp_loop`).
+    if let Err(e) = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::ReceiveTimestampns, &true) {
+        tracing::warn!("no receive timestamps on the SIP socket {addr} ({e}): waiting in its buffer goes unmeasured");
+    }
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
 
+/// Reads one datagram with its kernel receive time (`SO_TIMESTAMPNS`), turned into
+/// an [`Instant`]; `None` when the kernel gave none.
+fn recv_stamped(fd: std::os::fd::RawFd, buf: &mut [u8], cmsg: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Option<Instant>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let m = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::empty()).map_err(std::io::Error::from)?;
+    let from = m
+        .address
+        .and_then(|a| a.as_sockaddr_in().map(|v| SocketAddr::V4((*v).into())).or_else(|| a.as_sockaddr_in6().map(|v| SocketAddr::V6((*v).into()))))
+        .ok_or_else(|| std::io::Error::other("datagram without a source address"))?;
+    let stamp = m.cmsgs().ok().and_then(|mut c| {
+        c.find_map(|c| match c {
+            ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32)),
+            _ => None,
+        })
+    });
+    // The stamp is wall-clock time: its age, taken from now, on the monotonic clock.
+    // An age beyond any socket buffer's (the wall clock was stepped) is not trusted.
+    let received = stamp.and_then(|at| {
+        let age = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().saturating_sub(at);
+        (age < MAX_STAMP_AGE).then(|| Instant::now().checked_sub(age)).flatten()
+    });
+    Ok((m.bytes, from, received))
+}
+
 async fn udp_loop(sock: Arc<UdpSocket>, sink: Arc<dyn Sink>) {
     let mut buf = vec![0u8; 65536];
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
     loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
+        let received = sock.async_io(Interest::READABLE, || recv_stamped(sock.as_raw_fd(), &mut buf, &mut cmsg)).await;
+        let (n, from, at) = match received {
             Ok(v) => v,
             Err(e) => {
                 // ICMP errors (ECONNREFUSED) surface here on Linux; they are not fatal.
@@ -412,7 +452,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, sink: Arc<dyn Sink>) {
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             continue; // keep-alive
         }
-        sink.on_message(data, Peer { proto: Proto::Udp, addr: from });
+        sink.on_message_at(data, Peer { proto: Proto::Udp, addr: from }, at.unwrap_or_else(Instant::now));
     }
 }
 

@@ -144,6 +144,11 @@ pub struct NodeConfig {
     pub media_extra: String,
     /// Environment variables for the node process (fault-injection hooks).
     pub env: Vec<(String, String)>,
+    /// `sip.overload_wait_ms`. 1000 in tests, not the default 100: a debug build on a
+    /// loaded 2-core CI machine can keep a test's INVITE waiting 100 ms, and a test
+    /// call refused as overload would fail for the machine, not for crossbar. The
+    /// overload tests set their own.
+    pub overload_wait_ms: u64,
 }
 
 impl NodeConfig {
@@ -163,6 +168,7 @@ impl NodeConfig {
             http_extra: String::new(),
             media_extra: String::new(),
             env: Vec::new(),
+            overload_wait_ms: 1000,
             http: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
         }
     }
@@ -181,6 +187,7 @@ log_level = "{log}"
 udp = ["{udp}"]
 tcp = ["{tcp}"]
 advertised_ip = "127.0.0.1"
+overload_wait_ms = {overload_wait_ms}
 {sip_extra}
 
 {store}
@@ -209,6 +216,7 @@ outbound = "{out}"
             rmax = self.rtp.1,
             out = self.trunk_outbound,
             sip_extra = self.sip_extra,
+            overload_wait_ms = self.overload_wait_ms,
             store = self.redis_url.as_ref().map(|u| format!("[store]\nbackend = \"redis\"\nredis_url = \"{u}\"")).unwrap_or_default(),
             http = self.http,
             http_extra = self.http_extra,
