@@ -141,10 +141,13 @@ impl Actor for Tenant {
                 if m.header("X-Crossbar-Fault").is_some_and(|v| v.trim() == "stall-tenant") {
                     tokio::time::sleep(Duration::from_millis(600)).await;
                 }
-                let Some(req) = m.request().cloned() else { return Ok(()) };
-                match req.method {
-                    Method::Register => state.on_register(&m, &req),
-                    Method::Invite => state.on_invite(&myself, m, req).await,
+                match m.request().map(|r| &r.method) {
+                    Some(Method::Register) => {
+                        if let Some(req) = m.request() {
+                            state.on_register(&m, req);
+                        }
+                    }
+                    Some(Method::Invite) => state.on_invite(&myself, m).await,
                     _ => {}
                 }
             }
@@ -331,14 +334,15 @@ impl TenantState {
         }
     }
 
-    async fn on_invite(&mut self, myself: &ActorRef<TenantMsg>, m: Incoming, req: Request) {
+    async fn on_invite(&mut self, myself: &ActorRef<TenantMsg>, m: Incoming) {
         // A retransmission that raced the Call's creation: hand it over.
         if let Some(call) = self.node().calls.get(&m.call_id) {
             let _ = call.cast(super::call::CallMsg::Sip(Box::new(m)));
             return;
         }
+        let Some(req) = m.request() else { return };
         let node = self.node().clone();
-        if self.overloaded(&m, &req) {
+        if self.overloaded(&m, req) {
             return;
         }
         let cfg = &self.cfg;
@@ -354,37 +358,37 @@ impl TenantState {
             direction = cdr::Direction::Inbound;
             let did = super::dispatch::normalize_did(&dialled);
             let Some(ext) = cfg.dids.iter().find(|d| d.number == did).map(|d| d.extension.clone()) else {
-                return self.respond(&m, &req, 404, "unknown number (DID)");
+                return self.respond(&m, req, 404, "unknown number (DID)");
             };
             did_used = Some(did);
             let from = format!("<sip:{caller}@{}>", node.advertised);
-            self.route_to_extension(&m, &req, &ext, from, now)
+            self.route_to_extension(&m, req, &ext, from, now)
         } else {
-            let user = match self.authenticate(&m, &req, "Proxy-Authorization") {
-                Auth::Challenge { stale } => return self.challenge(&m, &req, 407, stale),
-                Auth::Refused(why) => return self.respond(&m, &req, 403, why),
+            let user = match self.authenticate(&m, req, "Proxy-Authorization") {
+                Auth::Challenge { stale } => return self.challenge(&m, req, 407, stale),
+                Auth::Refused(why) => return self.respond(&m, req, 403, why),
                 Auth::User(u) => u,
             };
             if m.from_uri().and_then(|u| u.user()) != Some(user.as_str()) {
-                return self.respond(&m, &req, 403, "From does not match the authenticated user");
+                return self.respond(&m, req, 403, "From does not match the authenticated user");
             }
             let target = req.uri.user().unwrap_or("").to_string();
             if self.passwords.contains_key(&target) {
                 let from = format!("<sip:{user}@{}>", cfg.domain);
-                self.route_to_extension(&m, &req, &target, from, now)
+                self.route_to_extension(&m, req, &target, from, now)
             } else if is_external_number(&target) {
                 let Some(trunk) = node.trunk_outbound else {
-                    return self.respond(&m, &req, 403, "outbound calls are not configured (no trunk)");
+                    return self.respond(&m, req, 403, "outbound calls are not configured (no trunk)");
                 };
                 let number = target.trim_start_matches('+').to_string();
                 let Some(cli) = cfg.dids.first().map(|d| d.number.clone()) else {
-                    return self.respond(&m, &req, 403, "this tenant has no DID to present as caller id");
+                    return self.respond(&m, req, 403, "this tenant has no DID to present as caller id");
                 };
                 direction = cdr::Direction::Outbound;
                 did_used = Some(cli.clone());
                 Some((format!("sip:{number}@{trunk}"), Peer { proto: Proto::Udp, addr: trunk }, format!("<sip:{cli}@{}>", node.advertised), format!("<sip:{number}@{trunk}>")))
             } else {
-                return self.respond(&m, &req, 404, "no such extension or number in this tenant");
+                return self.respond(&m, req, 404, "no such extension or number in this tenant");
             }
         };
         let Some((b_uri, b_peer, b_from, b_to)) = route else { return };
@@ -392,25 +396,28 @@ impl TenantState {
         // Admission against the plan's limits.
         if self.calls.len() >= self.limits.max_calls {
             let what = format!("tenant concurrent call limit ({})", self.limits.max_calls);
-            return self.refuse_limit(&m, &req, &what);
+            return self.refuse_limit(&m, req, &what);
         }
         if !self.rate.admit(self.limits.calls_per_second, now) {
             let what = format!("tenant call rate limit ({} calls/s)", self.limits.calls_per_second);
-            return self.refuse_limit(&m, &req, &what);
+            return self.refuse_limit(&m, req, &what);
         }
         // A browser leg (SIP over WebSocket) gets WebRTC media (str0m), any other plain RTP.
         let kind = |p: Peer| if p.proto.is_websocket() { crate::media::webrtc::LegKind::WebRtc } else { crate::media::webrtc::LegKind::Plain };
         let unset: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
         let b_call_id = crate::sip::transaction::new_call_id(&node.advertised);
+        // The INVITE goes to the call as it is, not copied.
+        let Incoming { msg, peer: a_peer, call_id: a_call_id, .. } = m;
+        let rsipstack::sip::SipMessage::Request(a_invite) = msg else { return };
         let setup = CallSetup {
-            a_invite: req,
-            a_peer: m.peer,
+            a_invite,
+            a_peer,
             b_uri,
             b_peer,
             b_from,
             b_to,
             b_call_id: b_call_id.clone(),
-            a_sent_by: node.sent_by(m.peer.proto),
+            a_sent_by: node.sent_by(a_peer.proto),
             b_sent_by: node.sent_by(b_peer.proto),
             // Filled in by the call once its media session is open.
             media_a: unset,
@@ -427,9 +434,9 @@ impl TenantState {
         };
         let started = SystemTime::now();
         let cdr = Cdr {
-            id: cdr::new_id(started, &m.call_id),
+            id: cdr::new_id(started, &a_call_id),
             tenant: cfg.id.clone(),
-            call_id: m.call_id.clone(),
+            call_id: a_call_id.clone(),
             direction,
             from: caller,
             to: dialled,
@@ -461,18 +468,17 @@ impl TenantState {
                 recording = Some((self.args.recording.clone(), left.min(256 << 20) as usize));
             }
         }
-        let shared = Arc::new(Mutex::new(CallShared::new(m.call_id.clone(), b_call_id, m.peer, b_peer, cdr, self.args.store.clone())));
-        let plan = super::call::CallPlan { setup, kinds: [kind(m.peer), kind(b_peer)], recording };
+        let shared = Arc::new(Mutex::new(CallShared::new(a_call_id, b_call_id, a_peer, b_peer, cdr, self.args.store.clone())));
+        let plan = super::call::CallPlan { setup, kinds: [kind(a_peer), kind(b_peer)], recording };
         let args = CallArgs { node: node.clone(), shared: shared.clone(), plan };
         match Actor::spawn_linked(None, Call, args, myself.get_cell()).await {
             Ok((call, _)) => {
                 self.calls.insert(call.get_id(), shared);
             }
             Err(e) => {
+                // Only if the tenant's supervision is gone: the caller's next
+                // retransmission of the INVITE tries again.
                 tracing::error!(tenant = %cfg.id, "cannot start a call actor: {e}");
-                if let Some(req) = m.request() {
-                    self.respond(&m, req, 500, "cannot start the call");
-                }
             }
         }
     }
