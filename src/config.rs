@@ -60,12 +60,21 @@ pub struct StoreSection {
     /// The master key file (relative to data_dir) used when CROSSBAR_MASTER_KEY is not set.
     #[serde(default = "default_master_key_file")]
     pub master_key_file: PathBuf,
+    /// The embedded store's page cache in MB. redb's own default is 1 GiB: with the
+    /// records of 4,000 calls/s the node's RSS grew with the file (164 MB after 40 s,
+    /// toward 1 GB); with 32 MB it stayed at 70 MB and used the same CPU per call.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: usize,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
-        StoreSection { backend: default_backend(), redis_url: None, master_key_file: default_master_key_file() }
+        StoreSection { backend: default_backend(), redis_url: None, master_key_file: default_master_key_file(), cache_mb: default_cache_mb() }
     }
+}
+
+fn default_cache_mb() -> usize {
+    crate::store::embedded::DEFAULT_CACHE_MB
 }
 
 fn default_backend() -> String {
@@ -513,6 +522,9 @@ impl Config {
             "redis" => return Err(ConfigError::new(f, "store.redis_url", "the redis backend needs a URL", "set redis_url = \"redis://host:6379/0\"")),
             other => return Err(ConfigError::new(f, "store.backend", format!("unknown backend {other:?}"), "use \"embedded\" or \"redis\"")),
         }
+        if !(1..=65_536).contains(&self.store.cache_mb) {
+            return Err(ConfigError::new(f, "store.cache_mb", format!("{} MB", self.store.cache_mb), "use a cache between 1 and 65536 MB (default 64)"));
+        }
         let mut trunk_names = HashSet::new();
         for (i, t) in self.trunks.iter().enumerate() {
             if !trunk_names.insert(t.name.as_str()) {
@@ -680,6 +692,15 @@ rtp_port_max = 20100
         assert_eq!(e.field, "sip.overload_wait_ms");
         write(&dir, "node.toml", &NODE.replace("[media]", "overload_wait_ms = 0\n[media]"));
         assert_eq!(Config::load(&dir.join("node.toml")).unwrap().sip.overload_wait_ms, 0);
+
+        write(&dir, "node.toml", NODE);
+        assert_eq!(Config::load(&dir.join("node.toml")).unwrap().store.cache_mb, 64);
+        write(&dir, "node.toml", &format!("{NODE}[store]\ncache_mb = 0\n"));
+        let e = Config::load(&dir.join("node.toml")).unwrap_err();
+        assert_eq!(e.field, "store.cache_mb");
+        assert!(e.to_string().contains("between 1 and 65536"), "{e}");
+        write(&dir, "node.toml", &format!("{NODE}[store]\ncache_mb = 16\n"));
+        assert_eq!(Config::load(&dir.join("node.toml")).unwrap().store.cache_mb, 16);
 
         write(&dir, "node.toml", &format!("{NODE}threads = 0\n"));
         let e = Config::load(&dir.join("node.toml")).unwrap_err();

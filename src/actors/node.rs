@@ -114,7 +114,7 @@ pub async fn open_vault(config: &Config) -> Result<Vault, BoxError> {
             let url = config.store.redis_url.clone().unwrap_or_default();
             Arc::new(RedisStore::connect(RedisStoreConfig::new(url)).await?)
         }
-        _ => Arc::new(EmbeddedStore::open(&config.node.data_dir).await?),
+        _ => Arc::new(EmbeddedStore::open_with_cache(&config.node.data_dir, config.store.cache_mb).await?),
     };
     Ok(Vault::new(store, master))
 }

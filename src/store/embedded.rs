@@ -129,18 +129,27 @@ fn append_segment(segments: &mut EventTable, legacy: &EventTable, tenant: &str, 
     Ok(first + events.len() as u64 - 1)
 }
 
+/// The page cache of the embedded store (`store.cache_mb`), in MB.
+pub const DEFAULT_CACHE_MB: usize = 64;
+
 impl EmbeddedStore {
-    /// Opens (or creates) `crossbar.redb` in `data_dir`, creating the directory if needed.
+    /// Opens (or creates) `crossbar.redb` in `data_dir`, creating the directory if
+    /// needed, with the default page cache.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(data_dir, DEFAULT_CACHE_MB).await
+    }
+
+    /// [`open`](Self::open) with a page cache of `cache_mb` MB.
+    pub async fn open_with_cache(data_dir: &Path, cache_mb: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.display().to_string(),
             source,
         })?;
-        Self::open_file(&data_dir.join(DB_FILE_NAME)).await
+        Self::open_file(&data_dir.join(DB_FILE_NAME), cache_mb).await
     }
 
     /// Opens (or creates) the database file at `path`.
-    pub async fn open_file(path: &Path) -> Result<Self, StoreError> {
+    pub async fn open_file(path: &Path, cache_mb: usize) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         let p = path.clone();
         let db = tokio::task::spawn_blocking(move || -> Result<Database, StoreError> {
@@ -148,7 +157,7 @@ impl EmbeddedStore {
                 path: p.display().to_string(),
                 source: Box::new(e),
             };
-            let db = Database::create(&p).map_err(|e| open_err(e.into()))?;
+            let db = redb::Builder::new().set_cache_size(cache_mb << 20).create(&p).map_err(|e| open_err(e.into()))?;
             // Create every table up front so read transactions never hit "table does not exist".
             let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
             tx.open_table(RECORDS).map_err(|e| open_err(e.into()))?;
