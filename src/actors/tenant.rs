@@ -476,8 +476,9 @@ impl TenantState {
                 self.calls.insert(call.get_id(), shared);
             }
             Err(e) => {
-                // Only if the tenant's supervision is gone: the caller's next
-                // retransmission of the INVITE tries again.
+                // Only if the call's pre_start failed, and it cannot (it inserts the
+                // call's routes). The INVITE went with the actor's arguments, so no
+                // 500 can be built here: the caller's transaction times out.
                 tracing::error!(tenant = %cfg.id, "cannot start a call actor: {e}");
             }
         }
