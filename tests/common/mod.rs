@@ -38,6 +38,24 @@ pub fn test_data(name: &str) -> PathBuf {
 /// release). Another process may take it before we use it; the OS hands out
 /// ephemeral ports round-robin, so in practice it does not happen.
 pub fn free_port(ip: IpAddr) -> u16 {
+    // Below the kernel's ephemeral range when there is room (and above the RTP
+    // ranges of `free_rtp_range`): a port taken from the ephemeral range can be
+    // handed to an outgoing connection (a browser's, a test client's) between this
+    // check and the node's bind, which once failed a CI run with "Address already
+    // in use". Ports are handed out in turn within the process, so two tests
+    // running at once never get the same one.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = (28_000u32, ephemeral_start().saturating_sub(1).min(u16::MAX as u32));
+    if high > low + 1000 {
+        let span = high - low + 1;
+        let _ = NEXT.compare_exchange(0, 1 + (pseudo_random() % span as u64) as u32, Ordering::Relaxed, Ordering::Relaxed);
+        for _ in 0..span {
+            let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+            if UdpSocket::bind((ip, port)).is_ok() && TcpListener::bind((ip, port)).is_ok() {
+                return port;
+            }
+        }
+    }
     for _ in 0..50 {
         let udp = UdpSocket::bind((ip, 0)).expect("bind an ephemeral UDP port");
         let port = udp.local_addr().unwrap().port();
@@ -46,6 +64,14 @@ pub fn free_port(ip: IpAddr) -> u16 {
         }
     }
     panic!("no port free for both UDP and TCP on {ip}");
+}
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
 }
 
 fn udp_free(ip: IpAddr, port: u16) -> bool {
