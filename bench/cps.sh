@@ -100,6 +100,8 @@ if [[ -n "${KAMAILIO:-}" ]]; then
     # One UDP worker (KAM_CHILDREN): with two, a call's 180 and 200 are relayed by different
     # processes and overtake each other, which SIPp's UAC fails (51 of 10,000 calls at
     # 1,000 calls/s). TLSF memory managers: the default q_malloc spent 67 % in malloc.
+    # wt_timer 500 ms (default 5 s): with the default, Kamailio stalled once its timer
+    # began freeing ended transactions and passed 3,000 calls/s; with 500 ms, 10,000.
     cat > "$WORK/kamailio/kamailio.cfg" <<KCFG
 #!KAMAILIO
 debug=0
@@ -116,6 +118,7 @@ loadmodule "pv.so"
 loadmodule "maxfwd.so"
 loadmodule "siputils.so"
 loadmodule "textops.so"
+modparam("tm", "wt_timer", 500)
 request_route {
     if (!mf_process_maxfwd_header("10")) { sl_send_reply("483", "Too Many Hops"); exit; }
     if (has_totag()) {
