@@ -497,6 +497,29 @@ fn carrier_invite(sock: &UdpSocket, cb: &Crossbar, call_id: &str, fault: Option<
     .into_bytes()
 }
 
+/// A node that refuses new calls that waited 250 ms, and three carrier sockets.
+#[cfg(feature = "fault-injection")]
+fn overload_node() -> (Crossbar, [UdpSocket; 3]) {
+    let cb = Crossbar::start(NodeConfig { overload_wait_ms: 250, ..NodeConfig::new() });
+    let bind = || {
+        let s = UdpSocket::bind((CARRIER, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        s
+    };
+    (cb, [bind(), bind(), bind()])
+}
+
+/// The INVITE sent from `sock` got 503 "node overloaded" with Retry-After; returns it.
+#[cfg(feature = "fault-injection")]
+fn assert_refused_as_overloaded(cb: &Crossbar, sock: &UdpSocket, name: &str) -> String {
+    let resp = collect_final(sock, Duration::from_secs(5)).map(|m| String::from_utf8_lossy(&m).into_owned());
+    let resp = resp.unwrap_or_else(|| panic!("no final response to the {name} INVITE\n{}", cb.report()));
+    assert_eq!(status_code(resp.as_bytes()), Some(503), "{name}: {resp}\n{}", cb.report());
+    assert!(header(&resp, "Reason").is_some_and(|r| r.contains("node overloaded")), "{name}: {resp}");
+    assert_eq!(header(&resp, "Retry-After"), Some("1"), "{name}: {resp}");
+    resp
+}
+
 /// A new call whose INVITE waited `sip.overload_wait_ms` (250 here) inside the node is
 /// refused with 503 before it costs a call; once the node keeps up, calls are
 /// handled again. The wait is made with a test-only hook that holds the tenant
@@ -504,22 +527,12 @@ fn carrier_invite(sock: &UdpSocket, cb: &Crossbar, call_id: &str, fault: Option<
 #[cfg(feature = "fault-injection")]
 #[test]
 fn new_calls_that_waited_too_long_in_an_overloaded_node_get_503() {
-    let cb = Crossbar::start(NodeConfig { overload_wait_ms: 250, ..NodeConfig::new() });
-    let bind = || {
-        let s = UdpSocket::bind((CARRIER, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        s
-    };
-    let (stalled, queued, later) = (bind(), bind(), bind());
+    let (cb, [stalled, queued, later]) = overload_node();
     stalled.send_to(&carrier_invite(&stalled, &cb, "ovl-1", Some("stall-tenant")), cb.sip_addr()).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     queued.send_to(&carrier_invite(&queued, &cb, "ovl-2", None), cb.sip_addr()).unwrap();
     for (name, sock) in [("stalled", &stalled), ("queued", &queued)] {
-        let resp = collect_final(sock, Duration::from_secs(5)).map(|m| String::from_utf8_lossy(&m).into_owned());
-        let resp = resp.unwrap_or_else(|| panic!("no final response to the {name} INVITE\n{}", cb.report()));
-        assert_eq!(status_code(resp.as_bytes()), Some(503), "{name}: {resp}\n{}", cb.report());
-        assert!(header(&resp, "Reason").is_some_and(|r| r.contains("node overloaded")), "{name}: {resp}");
-        assert_eq!(header(&resp, "Retry-After"), Some("1"), "{name}: {resp}");
+        assert_refused_as_overloaded(&cb, sock, name);
     }
     // The node keeps up again: the next call is routed (1001 is not registered: 480).
     let resp = udp_exchange(&later, cb.sip_addr(), &carrier_invite(&later, &cb, "ovl-3", None), Duration::from_secs(5));
@@ -535,13 +548,7 @@ fn new_calls_that_waited_too_long_in_an_overloaded_node_get_503() {
 #[cfg(feature = "fault-injection")]
 #[test]
 fn time_in_the_socket_buffer_counts_as_waiting() {
-    let cb = Crossbar::start(NodeConfig { overload_wait_ms: 250, ..NodeConfig::new() });
-    let bind = || {
-        let s = UdpSocket::bind((CARRIER, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        s
-    };
-    let (stall, queued, later) = (bind(), bind(), bind());
+    let (cb, [stall, queued, later]) = overload_node();
     // Any request holds the loop up; an OPTIONS gets its 200 once the stall is over.
     let options = format!(
         "OPTIONS sip:{target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-stall\r\nMax-Forwards: 70\r\n\
@@ -555,12 +562,8 @@ fn time_in_the_socket_buffer_counts_as_waiting() {
     std::thread::sleep(Duration::from_millis(30));
     let sent = Instant::now();
     queued.send_to(&carrier_invite(&queued, &cb, "sockwait-1", None), cb.sip_addr()).unwrap();
-    let resp = collect_final(&queued, Duration::from_secs(5)).map(|m| String::from_utf8_lossy(&m).into_owned());
-    let resp = resp.unwrap_or_else(|| panic!("no final response to the queued INVITE\n{}", cb.report()));
+    let resp = assert_refused_as_overloaded(&cb, &queued, "queued");
     assert!(sent.elapsed() >= Duration::from_millis(400), "the INVITE was answered before the stall ended: {resp}\n{}", cb.report());
-    assert_eq!(status_code(resp.as_bytes()), Some(503), "{resp}\n{}", cb.report());
-    assert!(header(&resp, "Reason").is_some_and(|r| r.contains("node overloaded")), "{resp}");
-    assert_eq!(header(&resp, "Retry-After"), Some("1"), "{resp}");
     // The OPTIONS itself was answered, late; and the next call is routed again
     // (1001 is not registered: 480).
     let ok = collect_final(&stall, Duration::from_secs(5)).map(|m| String::from_utf8_lossy(&m).into_owned());
