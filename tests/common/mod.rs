@@ -34,36 +34,68 @@ pub fn test_data(name: &str) -> PathBuf {
 // ---------------------------------------------------------------------------
 // Ports and directories
 
-/// A port that is free for both UDP and TCP on `ip` right now (bind port 0, then
-/// release). Another process may take it before we use it; the OS hands out
-/// ephemeral ports round-robin, so in practice it does not happen.
+/// A port that is free for both UDP and TCP on `ip` right now. Another process
+/// may take it before we use it; see [`take_ports`] for why that is unlikely.
 pub fn free_port(ip: IpAddr) -> u16 {
-    // Below the kernel's ephemeral range when there is room (and above the RTP
-    // ranges of `free_rtp_range`): a port taken from the ephemeral range can be
-    // handed to an outgoing connection (a browser's, a test client's) between this
-    // check and the node's bind, which once failed a CI run with "Address already
-    // in use". Ports are handed out in turn within the process, so two tests
-    // running at once never get the same one.
+    take_ports(1, |port| udp_free(ip, port) && TcpListener::bind((ip, port)).is_ok())
+        .or_else(|| {
+            (0..50).find_map(|_| {
+                let udp = UdpSocket::bind((ip, 0)).expect("bind an ephemeral UDP port");
+                let port = udp.local_addr().unwrap().port();
+                TcpListener::bind((ip, port)).is_ok().then_some(port)
+            })
+        })
+        .unwrap_or_else(|| panic!("no port free for both UDP and TCP on {ip}"))
+}
+
+/// An even port `p` with `p..p+4` free on `ip` (an RTP/RTCP pair, plus slack),
+/// for a SIPp's media.
+pub fn free_media_port(ip: IpAddr) -> u16 {
+    take_ports(4, |p| (p..p + 4).all(|q| udp_free(ip, q)))
+        .or_else(|| (0..200).map(|_| 30000 + (pseudo_random() % 14000) as u16 * 2).find(|&p| (p..p + 4).all(|q| udp_free(ip, q))))
+        .unwrap_or_else(|| panic!("no free media port pair on {ip}"))
+}
+
+/// The first of `count` consecutive ports (even when `count` > 1) for which
+/// `free` holds, or None when the kernel leaves no room below its ephemeral range.
+///
+/// Every port a test hands to SIPp or to a node comes from here, in turn within
+/// the process, from 28000 up to the kernel's ephemeral range (above the RTP
+/// ranges of [`free_rtp_range`]):
+/// - a port from the ephemeral range can be handed to an outgoing connection (a
+///   browser's, a test client's) between this check and the bind; that once
+///   failed a CI run with "Address already in use";
+/// - a port picked at random can be picked again by a test running at the same
+///   time, or can cover a port that a test checked free and then released
+///   (`registered_uas` registers from its port, then starts SIPp on it): once a
+///   SIPp UAS's SIP port was taken that way, and the INVITE to it went
+///   unanswered. Handing ports out in turn means none is handed out twice
+///   while a test runs.
+fn take_ports(count: u32, free: impl Fn(u16) -> bool) -> Option<u16> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let (low, high) = (28_000u32, ephemeral_start().saturating_sub(1).min(u16::MAX as u32));
-    if high > low + 1000 {
-        let span = high - low + 1;
-        let _ = NEXT.compare_exchange(0, 1 + (pseudo_random() % span as u64) as u32, Ordering::Relaxed, Ordering::Relaxed);
-        for _ in 0..span {
-            let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
-            if UdpSocket::bind((ip, port)).is_ok() && TcpListener::bind((ip, port)).is_ok() {
-                return port;
-            }
+    if high <= low + 1000 {
+        return None;
+    }
+    let span = (high - low + 1) & !1;
+    let _ = NEXT.compare_exchange(0, 2 + (pseudo_random() % span as u64) as u32 & !1, Ordering::Relaxed, Ordering::Relaxed);
+    // A block of more than one port starts on an even port: take one more, so
+    // that rounding the start up stays inside what was taken.
+    let step = if count > 1 { count + 1 } else { 1 };
+    for _ in 0..span / step {
+        let mut first = NEXT.fetch_add(step, Ordering::Relaxed) % span;
+        if count > 1 {
+            first = (first + 1) & !1;
+        }
+        if first + count > span {
+            continue;
+        }
+        let port = (low + first) as u16;
+        if free(port) {
+            return Some(port);
         }
     }
-    for _ in 0..50 {
-        let udp = UdpSocket::bind((ip, 0)).expect("bind an ephemeral UDP port");
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for both UDP and TCP on {ip}");
+    None
 }
 
 /// The first port of the kernel's ephemeral range (32768 when it cannot be read).
@@ -87,19 +119,6 @@ fn pseudo_random() -> u64 {
     x ^= x >> 7;
     x ^= x << 17;
     x
-}
-
-/// An even port `p` with `p..p+4` free on `ip` (an RTP/RTCP pair, plus slack),
-/// picked at random in 30000..60000 (below the usual ephemeral range start of
-/// 32768 and above crossbar's test ranges would collide; checked free).
-pub fn free_media_port(ip: IpAddr) -> u16 {
-    for _ in 0..200 {
-        let p = 30000 + (pseudo_random() % 14000) as u16 * 2;
-        if (p..p + 4).all(|q| udp_free(ip, q)) {
-            return p;
-        }
-    }
-    panic!("no free media port pair on {ip}");
 }
 
 /// A random 100-port RTP range for crossbar (even start), checked free on a few
@@ -796,21 +815,29 @@ pub struct SippProcess {
 }
 
 impl SippProcess {
-    /// Waits until SIPp has bound its SIP port (UDP), at most 5 s.
+    /// Waits until SIPp has bound its SIP port (UDP), at most 5 s, and panics
+    /// when SIPp exited first or the port is held by another process (SIPp then
+    /// failed to bind it, and whatever is sent to it goes elsewhere).
     pub fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if UdpSocket::bind(self.local).is_err() {
-                // bound by SIPp; give it a moment to enter its event loop
+                // bound; give SIPp a moment to enter its event loop
                 std::thread::sleep(Duration::from_millis(100));
-                return;
-            }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
+                let pid = self.pid();
+                if self.is_running() && !udp_socket_held_by(pid, self.local) {
+                    panic!("{}: UDP {} is bound, but not by SIPp (pid {pid})", self.name, self.local);
                 }
+                break;
+            }
+            if !self.is_running() {
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.is_running() {
+            let report = self.finish().report();
+            panic!("{} exited before listening on {}\n{report}", self.name, self.local);
         }
     }
 
@@ -828,6 +855,10 @@ impl SippProcess {
     }
 
     pub fn wait(mut self) -> SippOutcome {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> SippOutcome {
         let mut child = self.child.take().unwrap();
         let status = loop {
             match child.try_wait() {
@@ -907,6 +938,20 @@ pub fn udp_socket_backlog(addr: SocketAddr) -> Option<(u64, u64)> {
         }
     }
     None
+}
+
+/// Whether process `pid` holds the UDP socket bound to `addr` (its inode, from
+/// /proc/net/udp, is among the process's open files).
+pub fn udp_socket_held_by(pid: u32, addr: SocketAddr) -> bool {
+    let IpAddr::V4(ip) = addr.ip() else { return true };
+    let want = format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), addr.port());
+    let Ok(text) = std::fs::read_to_string("/proc/net/udp") else { return true };
+    let inodes: Vec<String> = text.lines().skip(1).filter_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.len() > 9 && cols[1] == want).then(|| format!("socket:[{}]", cols[9]))
+    }).collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return true };
+    fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| inodes.iter().any(|i| l.to_str() == Some(i.as_str()))))
 }
 
 /// Polls [`udp_socket_backlog`] in a thread until `stop` and returns the maxima.
