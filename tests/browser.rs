@@ -188,7 +188,8 @@ fn browser_calls_out_through_the_carrier() {
     cfg.media_extra = "io = \"syscalls\"".into();
     let trunk = cfg.trunk_outbound;
     let cb = Crossbar::start(cfg);
-    assert!(cb.stderr_lines().iter().any(|l| l.contains("media threads started") && l.contains("system calls")), "{}", cb.report());
+    let started = cb.wait_log("media threads started", Duration::from_secs(5)).unwrap_or_default();
+    assert!(started.contains("system calls"), "{started}\n{}", cb.report());
     let dir = TempDir::new("browser-out");
     let mut uas = Sipp::new("uas_answer.xml", trunk.ip(), trunk.port()).media(CARRIER, free_media_port(CARRIER)).arg("-rtp_echo").timeout(Duration::from_secs(60)).spawn(&dir);
     uas.wait_listening();

@@ -77,7 +77,8 @@ fn carrier_call_to_registered_extension(callee_hangs_up: bool, no_uring: bool) {
     // Without the hook, io_uring is what this machine allows.
     let fallback = no_uring || crossbar::media::uring_available().is_err();
     let io = if fallback { "system calls" } else { "io_uring" };
-    assert!(cb.stderr_lines().iter().any(|l| l.contains("media threads started") && l.contains(io)), "media threads not on {io}\n{}", cb.report());
+    let started = cb.wait_log("media threads started", Duration::from_secs(5)).unwrap_or_default();
+    assert!(started.contains(io), "media threads not on {io}: {started}\n{}", cb.report());
     assert_eq!(cb.stderr_lines().iter().any(|l| l.contains("io_uring unavailable, using system calls")), fallback, "{}", cb.report());
     let dir = TempDir::new("carrier");
     let uas_scenario = if callee_hangs_up { "uas_answer_hangup.xml" } else { "uas_answer.xml" };

@@ -15,20 +15,6 @@ const ACME: &str = "acme.localhost";
 const GLOBEX: &str = "globex.localhost";
 const GLOBEX_DID: &str = "15550002000";
 
-/// Polls `f` every 100 ms until it returns Some or `timeout` passes.
-fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn carrier_call(cb: &Crossbar, scenario: &str, did: &str) -> Sipp {
     Sipp::new(scenario, CARRIER, free_port(CARRIER))
         .remote(cb.sipp_target())

@@ -386,6 +386,20 @@ fn parse_fields(line: &str) -> HashMap<String, String> {
     m
 }
 
+/// Polls `f` every 100 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A running crossbar. Killed (and reaped) on drop.
 pub struct Crossbar {
     child: Child,
@@ -456,6 +470,13 @@ impl Crossbar {
 
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (at most `timeout`) for a log line containing `text`, and returns
+    /// it. The node prints "ready" on stdout, read by another thread than its
+    /// log: a line logged before "ready" may not have been read yet.
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> Option<String> {
+        wait_for(timeout, || self.stderr.lock().unwrap().iter().find(|l| l.contains(text)).cloned())
     }
 
     pub fn stderr_tail(&self, n: usize) -> String {
