@@ -2,7 +2,9 @@
 # Calls per second: the highest rate with 0 failed calls for
 #   SIPp UAC (carrier, 127.0.0.2) -> crossbar (DID 15550001000 -> ext 1001) -> SIPp UAS
 # beside SIPp UAC -> SIPp UAS directly, in the same run, and their ratio.
-# Calls carry SDP but no RTP; they are hung up at once (-d 0).
+# Calls carry SDP but no RTP; they are hung up at once (-d 0). Each step also prints the
+# CPU per completed call of the two SIPp together and of what sits between them, i.e.
+# where the machine's two cores went: the middle gets what the SIPp leave.
 #
 # usage: bench/cps.sh [RATES...]        (default: 1000 2000 4000 5000 6000 8000 10000 12000)
 # env:   STEP_S (seconds per rate, default 10), CROSSBAR_BIN (skip the build),
@@ -43,19 +45,36 @@ run_step() {
     retrans=$(stat_col "$dir/uac_stat.csv" 'Retransmissions(C)')
     elapsed=$(awk -F';' 'NR>1 {split($5, t, ":"); s = t[1]*3600 + t[2]*60 + t[3]} END {print s+0}' "$dir/uac_stat.csv")
     achieved=$(awk -v n="$ok" -v s="$elapsed" 'BEGIN {printf "%d", (s > 0 ? n / s : 0)}')
-    if [[ $rc -eq 0 && "$failed" -eq 0 && "$ok" -eq "$calls" ]]; then echo "ok $achieved $ok $failed $retrans"
-    else echo "fail $achieved $ok $failed $retrans"; fi
+    # The two SIPp's CPU over the step (this subshell's waited children: the UAC and the UAS).
+    local sipp_ms
+    times > "$dir/times.txt"   # not in a pipe: a forked builtin has no children
+    sipp_ms=$(awk 'NR == 2 {split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", (u[1] * 60 + u[2] + s[1] * 60 + s[2]) * 1000}' "$dir/times.txt")
+    if [[ $rc -eq 0 && "$failed" -eq 0 && "$ok" -eq "$calls" ]]; then echo "ok $achieved $ok $failed $retrans $sipp_ms"
+    else echo "fail $achieved $ok $failed $retrans $sipp_ms"; fi
 }
+
+# CPU ticks of what sits between the two SIPp (crossbar, Kamailio); none for direct.
+mid_ticks() { echo 0; }
 
 # ramp NAME TARGET UAS_PORT -> prints the table, sets BEST
 ramp() {
     local name=$1 target=$2 uas_port=$3 r res
     BEST=0
     for r in "${RATES[@]}"; do
+        local m0 m1
+        m0=$(mid_ticks)
         res=$(run_step "$name" "$target" "$uas_port" "$r")
-        read -r verdict achieved ok failed retrans <<<"$res"
+        m1=$(mid_ticks)
+        read -r verdict achieved ok failed retrans sipp_ms <<<"$res"
         printf '  %-8s target %6d cps: %-4s achieved %6d cps, %d calls ok, %d failed, %d retransmissions\n' \
             "$name" "$r" "$verdict" "$achieved" "$ok" "$failed" "$retrans"
+        # CPU per completed call: where the two cores went (SIPp's includes its start and stop).
+        if (( ok > 0 )); then
+            awk -v s="$sipp_ms" -v m="$(( (m1 - m0) * 10 ))" -v n="$ok" -v name="$name" 'BEGIN {
+                printf "           CPU per call: the two SIPp %d us", s * 1000 / n
+                if (name != "direct") printf ", %s %d us", name, m * 1000 / n
+                printf "\n" }'
+        fi
         if [[ $verdict != ok ]]; then
             echo "    what SIPp's error file reports, most frequent first (a timed-out run also fails calls it never logs):"
             failure_summary "$WORK/$name-$r/uac_errors.log" | sed 's/^/    /'
@@ -84,6 +103,7 @@ if [[ "${ONLY:-}" != direct ]]; then
     register_uas "$SIP" "$UAS_PORT" "$WORK/node"
     echo "== SIPp UAC -> crossbar -> SIPp UAS ($BIN, pid $CB_PID)"
     T0=$(cpu_ticks "$CB_PID")
+    mid_ticks() { cpu_ticks "$CB_PID"; }
     ramp crossbar "127.0.0.1:$SIP" "$UAS_PORT"
     VIA=$BEST
     echo "  crossbar CPU over the ramp: $(( ($(cpu_ticks "$CB_PID") - T0) ))0 ms, RSS $(rss_kb "$CB_PID") kB"
@@ -141,6 +161,7 @@ KCFG
     kam_ticks() { local t=0 p; for p in $KPID $(pgrep -P "$KPID"); do t=$(( t + $(cpu_ticks "$p") )); done; echo $t; }
     echo "== SIPp UAC -> Kamailio (stateful proxy) -> SIPp UAS (pid $KPID)"
     K0=$(kam_ticks)
+    mid_ticks() { kam_ticks; }
     ramp kamailio "127.0.0.1:$KPORT" "$KUAS"
     KAM=$BEST
     echo "  Kamailio CPU over the ramp (all its processes): $(( $(kam_ticks) - K0 ))0 ms"
