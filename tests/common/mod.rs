@@ -406,6 +406,10 @@ pub struct Crossbar {
     pub config: NodeConfig,
     pub dir: TempDir,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// SIPp callees registered with this node ([`registered_uas`]): their SIP
+    /// messages and errors so far are part of [`Crossbar::report`], so a failed
+    /// call shows what its callee saw.
+    callees: Mutex<Vec<(String, PathBuf, PathBuf)>>,
 }
 
 impl Crossbar {
@@ -413,7 +417,7 @@ impl Crossbar {
         let dir = TempDir::new("node");
         config.write(&dir.path);
         let (child, stderr) = spawn_node(&dir.path.join("crossbar.toml"), &config.env);
-        Crossbar { child, config, dir, stderr }
+        Crossbar { child, config, dir, stderr, callees: Mutex::new(Vec::new()) }
     }
 
     /// SIGKILL: the node gets no chance to write anything.
@@ -555,7 +559,12 @@ impl Crossbar {
 
     /// Report for a failed assertion: crossbar's stderr tail.
     pub fn report(&self) -> String {
-        format!("--- crossbar stderr (tail) ---\n{}\n---", self.stderr_tail(80))
+        let mut out = format!("--- crossbar stderr (tail) ---\n{}\n---", self.stderr_tail(80));
+        for (name, messages, errors) in self.callees.lock().unwrap().iter() {
+            let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+            out += &format!("\n--- registered callee {name}: errors ---\n{}\n--- its SIP messages so far (tail) ---\n{}\n---", read(errors).trim(), tail(&read(messages), 60));
+        }
+        out
     }
 }
 
@@ -936,6 +945,7 @@ pub fn registered_uas(cb: &Crossbar, dir: &TempDir, scenario: &str, user: &str, 
     }
     let mut p = s.spawn(dir);
     p.wait_listening();
+    cb.callees.lock().unwrap().push((format!("{user}@{domain} ({})", p.name), p.messages.clone(), p.err.clone()));
     p
 }
 
