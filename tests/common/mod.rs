@@ -78,7 +78,7 @@ fn take_ports(count: u32, free: impl Fn(u16) -> bool) -> Option<u16> {
         return None;
     }
     let span = (high - low + 1) & !1;
-    let _ = NEXT.compare_exchange(0, 2 + (pseudo_random() % span as u64) as u32 & !1, Ordering::Relaxed, Ordering::Relaxed);
+    let _ = NEXT.compare_exchange(0, (2 + (pseudo_random() % span as u64) as u32) & !1, Ordering::Relaxed, Ordering::Relaxed);
     // A block of more than one port starts on an even port: take one more, so
     // that rounding the start up stays inside what was taken.
     let step = if count > 1 { count + 1 } else { 1 };
