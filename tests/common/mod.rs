@@ -512,21 +512,6 @@ impl Crossbar {
         }
     }
 
-    /// Whether a stderr line containing `text` appears within `timeout` (the log is
-    /// written asynchronously: a line may lag the response it accompanies).
-    pub fn wait_stderr_line(&self, text: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.stderr_lines().iter().any(|l| l.contains(text)) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// Sends OPTIONS over UDP from a fresh socket and returns the status code.
     pub fn options_status(&self) -> Option<u16> {
         let sock = UdpSocket::bind((LOCALHOST, 0)).unwrap();
