@@ -292,7 +292,9 @@ fn check_framing(bytes: &[u8], proto: super::msg::Proto) -> Result<(), MessageEr
 /// quotes, no space inside `<>`, no unquoted comma in a display name, no
 /// `?headers` outside `<>` (RFC 3261 §20.10).
 fn name_addr_ok(v: &str) -> bool {
-    let unescaped_quotes = {
+    let unescaped_quotes = if memchr::memchr2(b'"', b'\\', v.as_bytes()).is_none() {
+        0
+    } else {
         // Bytes: a multi-byte character never contains an ASCII byte.
         let (mut n, mut esc) = (0, false);
         for c in v.bytes() {
@@ -307,13 +309,13 @@ fn name_addr_ok(v: &str) -> bool {
     if unescaped_quotes % 2 != 0 {
         return false;
     }
-    match (v.find('<'), v.rfind('>')) {
+    match (memchr::memchr(b'<', v.as_bytes()), memchr::memrchr(b'>', v.as_bytes())) {
         (Some(a), Some(b)) if b > a => {
             let inner = &v[a + 1..b];
             if inner.starts_with(char::is_whitespace) || inner.ends_with(char::is_whitespace) {
                 return false;
             }
-            let display = v[..a].trim();
+            let display = v[..a].trim_ascii();
             display.is_empty() || (display.starts_with('"') && display.ends_with('"')) || !display.contains([',', ';', ':', '"', '<'])
         }
         (None, None) => !v.contains(['?', '"']),
@@ -362,7 +364,7 @@ fn list_items(v: &str) -> impl Iterator<Item = &str> {
                 }
                 i += 1;
             };
-            let part = v.get(start..part_end).unwrap_or("").trim();
+            let part = v.get(start..part_end).unwrap_or("").trim_ascii();
             start = part_end + 1;
             i = start;
             if !part.is_empty() {
@@ -390,18 +392,46 @@ pub fn parse_cseq(v: &str) -> Option<(u32, Method)> {
 
 /// A `tag=` or other parameter of a name-addr header value.
 pub fn param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
-    let after = value.rfind('>').map(|i| &value[i + 1..]).unwrap_or(value);
-    after.split(';').skip(if value.contains('>') { 0 } else { 1 }).find_map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    let gt = memchr::memrchr(b'>', value.as_bytes());
+    let after = gt.map(|i| &value[i + 1..]).unwrap_or(value);
+    split_ascii(after, b';').skip(if gt.is_some() { 0 } else { 1 }).find_map(|p| {
+        let (k, v) = split_once_ascii(p, b'=').unwrap_or((p, ""));
+        k.trim_ascii().eq_ignore_ascii_case(name).then(|| v.trim_ascii())
     })
+}
+
+/// `s` split at every `sep` (an ASCII byte), as `str::split` would: these header
+/// parts are short, and a byte scan costs less than a char searcher's set-up.
+pub(crate) fn split_ascii(s: &str, sep: u8) -> impl Iterator<Item = &str> {
+    debug_assert!(sep.is_ascii());
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match r.bytes().position(|b| b == sep) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
+}
+
+/// `str::split_once` at an ASCII byte.
+pub(crate) fn split_once_ascii(s: &str, sep: u8) -> Option<(&str, &str)> {
+    debug_assert!(sep.is_ascii());
+    let i = s.bytes().position(|b| b == sep)?;
+    Some((&s[..i], &s[i + 1..]))
 }
 
 /// The URI inside a name-addr (`"Bob" <sip:bob@x>;tag=1` → `sip:bob@x`) or an addr-spec.
 pub fn name_addr_uri(value: &str) -> &str {
     match (value.find('<'), value.find('>')) {
         (Some(a), Some(b)) if b > a => &value[a + 1..b],
-        _ => value.split(';').next().unwrap_or(value).trim(),
+        _ => split_ascii(value, b';').next().unwrap_or(value).trim_ascii(),
     }
 }
 
@@ -410,7 +440,11 @@ pub fn with_tag(value: &str, tag: &str) -> String {
     if param(value, "tag").is_some() {
         value.to_string()
     } else if value.contains('<') {
-        format!("{value};tag={tag}")
+        let mut out = String::with_capacity(value.len() + 5 + tag.len());
+        out.push_str(value);
+        out.push_str(";tag=");
+        out.push_str(tag);
+        out
     } else {
         // addr-spec form: parameters after it would belong to the URI; wrap it.
         let (uri, rest) = value.split_once(';').unwrap_or((value, ""));
@@ -607,6 +641,18 @@ pub fn is_header(h: &Header, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ascii_splits_match_str_split() {
+        for s in ["", ";", "a", "a;b", ";a;;b;", "tag=1;x", "k=v=w", "é;ü=ö;", "  a ; b = c "] {
+            assert_eq!(split_ascii(s, b';').collect::<Vec<_>>(), s.split(';').collect::<Vec<_>>(), "{s:?}");
+            assert_eq!(split_once_ascii(s, b'='), s.split_once('='), "{s:?}");
+        }
+        assert_eq!(param("<sip:a@b>;tag=x1;lr", "TAG"), Some("x1"));
+        assert_eq!(param("sip:a@b;tag=x1", "tag"), Some("x1"), "an addr-spec's parameters are the header's (RFC 3261 §20.10)");
+        assert_eq!(param("sip:a@b ; x=1; tag = y2", "tag"), Some("y2"));
+        assert_eq!(name_addr_uri("sip:a@b;tag=1"), "sip:a@b");
+    }
 
     fn peer() -> Peer {
         Peer { proto: Proto::Udp, addr: "127.0.0.1:5070".parse().unwrap() }

@@ -26,7 +26,6 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use rand::distributions::Alphanumeric;
 use rand::Rng;
 use rsipstack::sip::{
     CSeq, ContentLength, Header, Headers, MaxForwards, Method, Request, Response, StatusCode, Via,
@@ -1009,10 +1008,29 @@ impl ServerTx {
 // Shared helpers
 // ---------------------------------------------------------------------------
 
+/// `len` random alphanumerics from the thread's CSPRNG: random bytes below 248
+/// (4 x 62) mapped to the 62 characters, so each is uniform, drawn in blocks
+/// (one generator call per token rather than one per character).
 fn random_token(len: usize) -> String {
+    random_token_after("", len)
+}
+
+/// `prefix` followed by [`random_token`]`(len)`, in one allocation.
+fn random_token_after(prefix: &str, len: usize) -> String {
+    const ALPHANUMERIC: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let mut buf = [0u8; 32];
+    let end = prefix.len() + len;
     loop {
-        let token: String = rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect();
-        if token_is_safe(&token) {
+        let mut token = String::with_capacity(end);
+        token.push_str(prefix);
+        while token.len() < end {
+            rng.fill(&mut buf[..]);
+            for &b in buf.iter().filter(|&&b| b < 248).take(end - token.len()) {
+                token.push(char::from(ALPHANUMERIC[usize::from(b % 62)]));
+            }
+        }
+        if token_is_safe(&token[prefix.len()..]) {
             return token;
         }
     }
@@ -1031,7 +1049,7 @@ fn token_is_safe(token: &str) -> bool {
 /// A fresh Via branch: the magic cookie plus 24 random alphanumerics (~142
 /// bits), unique across space and time as §8.1.1.7 requires.
 pub fn new_branch() -> String {
-    format!("{MAGIC_COOKIE}{}", random_token(24))
+    random_token_after(MAGIC_COOKIE, 24)
 }
 
 /// A fresh From/To tag: 16 random alphanumerics (~95 bits; §19.3 asks for at
@@ -1073,13 +1091,20 @@ fn first(headers: &Headers, pred: impl Fn(&Header) -> bool) -> Option<&Header> {
 /// comma-separated Via values), borrowed from the message.
 fn top_via_value(headers: &Headers) -> Option<&str> {
     headers.iter().find_map(|h| match h {
-        Header::Via(via) => first_via(via.value().trim()),
+        Header::Via(via) => first_via(via.value().trim_ascii()),
         _ => None,
     })
 }
 
 /// The first of the comma-separated values of one Via line.
 fn first_via(value: &str) -> Option<&str> {
+    // Without a quote (nearly always) the first comma ends the value.
+    if memchr::memchr(b'"', value.as_bytes()).is_none() {
+        return match memchr::memchr(b',', value.as_bytes()) {
+            Some(idx) => Some(value[..idx].trim_ascii()).filter(|v| !v.is_empty()),
+            None => (!value.is_empty()).then_some(value),
+        };
+    }
     let (mut in_quotes, mut escaped) = (false, false);
     // Bytes: a multi-byte character never contains an ASCII byte.
     for (idx, ch) in value.bytes().enumerate() {
@@ -1090,7 +1115,7 @@ fn first_via(value: &str) -> Option<&str> {
         match ch {
             b'\\' if in_quotes => escaped = true,
             b'"' => in_quotes = !in_quotes,
-            b',' if !in_quotes => return Some(value[..idx].trim()).filter(|v| !v.is_empty()),
+            b',' if !in_quotes => return Some(value[..idx].trim_ascii()).filter(|v| !v.is_empty()),
             _ => {}
         }
     }
@@ -1112,14 +1137,13 @@ impl<'a> ViaRef<'a> {
     fn top(headers: &'a Headers) -> Option<ViaRef<'a>> {
         let value = top_via_value(headers)?;
         // "SIP / 2.0 / UDP host : port ; params": LWS may surround '/', ':' and ';'.
-        let (head, params) = value.split_once(';').unwrap_or((value, ""));
-        let mut slashes = head.splitn(3, '/');
-        let _protocol = slashes.next()?;
-        let _version = slashes.next()?;
-        let transport_and_host = slashes.next()?.trim_start();
-        let host_start = transport_and_host.find(char::is_whitespace)?;
+        let (head, params) = msg::split_once_ascii(value, b';').unwrap_or((value, ""));
+        let (_protocol, rest) = msg::split_once_ascii(head, b'/')?;
+        let (_version, rest) = msg::split_once_ascii(rest, b'/')?;
+        let transport_and_host = rest.trim_ascii_start();
+        let host_start = transport_and_host.bytes().position(|b| b.is_ascii_whitespace())?;
         let sent_by = &transport_and_host[host_start..];
-        if sent_by.trim().is_empty() {
+        if sent_by.trim_ascii().is_empty() {
             return None;
         }
         Some(ViaRef { value, sent_by, params })
@@ -1145,6 +1169,13 @@ fn squeezed(s: &str) -> impl Iterator<Item = char> + '_ {
     s.chars().filter(|c| !c.is_whitespace()).map(|c| c.to_ascii_lowercase())
 }
 
+/// [`squeezed`], collected in one allocation.
+fn squeezed_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    out.extend(squeezed(s));
+    out
+}
+
 /// What §17.2.3 compares of a server transaction's own top Via.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ViaKey {
@@ -1159,9 +1190,9 @@ struct ViaKey {
 impl From<ViaRef<'_>> for ViaKey {
     fn from(via: ViaRef<'_>) -> ViaKey {
         ViaKey {
-            sent_by: squeezed(via.sent_by).collect(),
+            sent_by: squeezed_string(via.sent_by),
             branch: via.branch().map(str::to_string),
-            normalized: squeezed(via.value).collect(),
+            normalized: squeezed_string(via.value),
         }
     }
 }
@@ -1173,10 +1204,10 @@ fn top_via(headers: &Headers) -> Option<ViaKey> {
 /// Value of `name` in a `;a=b;c=d` parameter list (name case-insensitive).
 /// Empty values count as absent.
 fn param_value<'a>(params: &'a str, name: &str) -> Option<&'a str> {
-    params.split(';').find_map(|param| {
-        let (key, value) = param.split_once('=')?;
-        let value = value.trim();
-        (key.trim().eq_ignore_ascii_case(name) && !value.is_empty()).then_some(value)
+    msg::split_ascii(params, b';').find_map(|param| {
+        let (key, value) = msg::split_once_ascii(param, b'=')?;
+        let value = value.trim_ascii();
+        (key.trim_ascii().eq_ignore_ascii_case(name) && !value.is_empty()).then_some(value)
     })
 }
 
@@ -1200,7 +1231,7 @@ pub fn cseq(headers: &Headers) -> Option<(u32, Method)> {
 
 fn call_id(headers: &Headers) -> Option<&str> {
     headers.iter().find_map(|h| match h {
-        Header::CallId(id) => Some(id.value().trim()),
+        Header::CallId(id) => Some(id.value().trim_ascii()),
         _ => None,
     })
 }
@@ -1310,9 +1341,12 @@ pub fn make_response(req: &Request, code: StatusCode, to_tag: Option<&str>) -> R
     for header in req.headers.iter() {
         if let Header::To(to) = header {
             let has_tag = param_value(name_addr_params(to.value()), "tag").is_some();
-            let mut value = to.value().trim_end().to_string();
+            let base = to.value().trim_end();
+            let mut value = String::with_capacity(base.len() + 5 + to_tag.map_or(0, str::len));
+            value.push_str(base);
             if let (Some(tag), false) = (to_tag, has_tag) {
-                let _ = write!(value, ";tag={tag}");
+                value.push_str(";tag=");
+                value.push_str(tag);
             }
             headers.push(Header::To(rsipstack::sip::To::new(value)));
             break;
@@ -2209,6 +2243,26 @@ Content-Length: 0
         let t = new_tag();
         assert!(t.len() >= 8 && t.chars().all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(t, new_tag());
+    }
+
+    #[test]
+    fn random_tokens_use_all_62_alphanumerics_evenly() {
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..2_000 {
+            let t = random_token(31);
+            assert_eq!(t.len(), 31);
+            for c in t.chars() {
+                assert!(c.is_ascii_alphanumeric(), "{t}");
+                *counts.entry(c).or_insert(0u32) += 1;
+            }
+        }
+        // 62,000 characters: 1,000 expected each; a biased mapping (bytes taken modulo 62
+        // without rejection) would give the first 8 characters ~1,230.
+        assert_eq!(counts.len(), 62);
+        assert!(counts.values().all(|&n| (830..1170).contains(&n)), "{counts:?}");
+        let b = new_branch();
+        assert_eq!(b.len(), MAGIC_COOKIE.len() + 24);
+        assert!(b[MAGIC_COOKIE.len()..].chars().all(|c| c.is_ascii_alphanumeric()));
     }
 
     #[test]
