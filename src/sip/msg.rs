@@ -260,7 +260,9 @@ fn check_framing(bytes: &[u8], proto: super::msg::Proto) -> Result<(), MessageEr
             return Err(MessageError::Version(version.to_string()));
         }
     }
-    if let Some(body_start) = memchr::memmem::find(bytes, b"\r\n\r\n").map(|p| p + 4) {
+    // The searcher is built once for the node's life, not per message.
+    static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> = std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    if let Some(body_start) = HEAD_END.find(bytes).map(|p| p + 4) {
         // Over the header lines without copying the head: this runs on every message.
         let head = &bytes[..body_start];
         let mut start = 0;
