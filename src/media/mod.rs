@@ -226,6 +226,13 @@ impl MediaEngine {
         validate(&cfg)?;
         let threads = threads.max(1);
         let pool = Arc::new(PortPool::new(cfg.port_min, cfg.port_max, threads));
+        if pool.capacity() > pool.max_bound() {
+            info!(
+                pairs = pool.capacity(),
+                max_bound_pairs = pool.max_bound(),
+                "media: the RTP port range has more pairs than the open-files limit lets media bind (a tenth of it is kept for SIP connections and the store); past that, ports still in quarantine are reused (raise the open-files limit to use the whole range)"
+            );
+        }
         let mut shards = Vec::with_capacity(threads);
         let mut io = io;
         for i in 0..threads {
@@ -364,7 +371,7 @@ impl MediaEngine {
                     let n = self.inner.emfile.fetch_add(1, Ordering::Relaxed);
                     // Once, then every 1,000th time: under overload this is every call.
                     if n.is_multiple_of(1000) {
-                        warn!(times = n + 1, "out of file descriptors for media sockets: reusing a pair in quarantine (raise the open-files limit)");
+                        warn!(times = n + 1, max_pairs = pool.max_bound(), "out of file descriptors for media sockets (the open-files limit, less a reserve for SIP connections and the store): reusing a pair in quarantine (raise the open-files limit)");
                     }
                     prefer_bound = true;
                 }

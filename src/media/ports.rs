@@ -15,8 +15,15 @@
 //! worth of call set-ups), not the whole range: the open-files limit is usually lower
 //! than the range. Pairs idle for [`IDLE_UNBIND`] are unbound by their media thread
 //! (`trim`), so a peak's sockets do not stay forever.
+//!
+//! Nor may media take every descriptor the process has: at capacity calls live
+//! longer (they queue), hold more pairs, and a range as large as the open-files
+//! limit would leave nothing for SIP connections (TCP, TLS, WebSocket) or the
+//! store. Pairs are bound only up to [`max_bound_pairs`] of the limit; past it a
+//! call takes a pair still in quarantine, as when the kernel says EMFILE.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +54,17 @@ pub(crate) struct PortPool {
     shards: Vec<Mutex<ShardPool>>,
     /// The bound sockets of each pair, once bound (by pair index).
     socks: Vec<Mutex<Option<Arc<PairSocks>>>>,
+    /// Pairs bound now, and the most that may be (see [`max_bound_pairs`]).
+    bound_count: AtomicUsize,
+    max_bound: usize,
+}
+
+/// How many RTP/RTCP pairs (two descriptors each) media may hold open under an
+/// open-files limit of `nofile`: the limit less a reserve for everything else (a
+/// tenth of it, at least 256 and at most half).
+pub(crate) fn max_bound_pairs(nofile: u64) -> usize {
+    let reserve = (nofile / 10).clamp(256.min(nofile / 2), nofile / 2);
+    usize::try_from(nofile.saturating_sub(reserve) / 2).unwrap_or(usize::MAX)
 }
 
 /// What `take` hands out: a pair, and whether it still has to be bound.
@@ -67,12 +85,27 @@ impl PortPool {
         for i in (0..pairs).filter_map(|i| u16::try_from(i).ok()) {
             pools[usize::from(i) % shards].unbound.push_back(i);
         }
+        let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
         Self {
             base: port_min,
             pairs,
             shards: pools.into_iter().map(Mutex::new).collect(),
             socks: (0..pairs).map(|_| Mutex::new(None)).collect(),
+            bound_count: AtomicUsize::new(0),
+            max_bound: max_bound_pairs(nofile),
         }
+    }
+
+    /// The same pool allowed at most `max_bound` bound pairs (tests).
+    #[cfg(test)]
+    pub(crate) fn with_max_bound(mut self, max_bound: usize) -> Self {
+        self.max_bound = max_bound;
+        self
+    }
+
+    /// The most pairs that may be bound at once (the descriptor budget).
+    pub(crate) fn max_bound(&self) -> usize {
+        self.max_bound
     }
 
     /// Number of RTP/RTCP pairs the range holds.
@@ -145,7 +178,9 @@ impl PortPool {
                 break;
             }
             s.bound.pop_front();
-            *self.socks[usize::from(idx)].lock() = None;
+            if self.socks[usize::from(idx)].lock().take().is_some() {
+                self.bound_count.fetch_sub(1, Ordering::Relaxed);
+            }
             s.unbound.push_back(idx);
             out.push(idx);
         }
@@ -157,12 +192,18 @@ impl PortPool {
     }
 
     /// The pair's sockets: bound before, else `bind(rtp_port)`'s, kept for next time.
+    /// With the descriptor budget spent, fails as the kernel would (EMFILE) without
+    /// trying.
     pub(crate) fn sockets(&self, idx: u16, bind: impl FnOnce(u16) -> std::io::Result<Arc<PairSocks>>) -> std::io::Result<Arc<PairSocks>> {
         let mut slot = self.socks[usize::from(idx)].lock();
         if let Some(s) = &*slot {
             return Ok(Arc::clone(s));
         }
+        if self.bound_count.load(Ordering::Relaxed) >= self.max_bound {
+            return Err(std::io::Error::from_raw_os_error(super::EMFILE));
+        }
         let s = bind(self.rtp_port(idx))?;
+        self.bound_count.fetch_add(1, Ordering::Relaxed);
         *slot = Some(Arc::clone(&s));
         Ok(s)
     }
@@ -297,6 +338,40 @@ mod tests {
         assert_eq!(trimmed, vec![a.idx]);
         assert_eq!(pool.bound_pairs(), 0);
         assert_eq!(pool.pairs_in_use(), 0);
+    }
+
+    #[test]
+    fn the_descriptor_budget_leaves_a_reserve() {
+        assert_eq!(max_bound_pairs(20_000), 9_000, "2,000 descriptors kept for SIP and the store");
+        assert_eq!(max_bound_pairs(1_048_576), 471_859);
+        assert_eq!(max_bound_pairs(1_024), 384, "at least 256 kept");
+        assert_eq!(max_bound_pairs(300), 75, "at most half kept");
+        assert_eq!(max_bound_pairs(0), 0);
+    }
+
+    #[test]
+    fn past_the_budget_no_pair_is_bound_and_an_unbound_one_frees_room() {
+        let pool = Arc::new(PortPool::new(30500, 30507, 1).with_max_bound(1)); // 4 pairs, 1 may be bound
+        let now = Instant::now();
+        let a = pool.take(0, false, now).unwrap();
+        pool.sockets(a.idx, |_| socks()).unwrap();
+        let b = pool.take(0, false, now).unwrap();
+        assert!(!b.bound);
+        let err = pool.sockets(b.idx, |_| panic!("must not bind past the budget")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(super::super::EMFILE));
+        assert_eq!(pool.bound_pairs(), 1);
+        // The bound pair is still usable: the caller falls back to it (quarantine or not).
+        pool.give_back(b.idx);
+        pool.give_back(a.idx);
+        let again = pool.take(0, true, now).unwrap();
+        assert_eq!((again.idx, again.bound), (a.idx, true));
+        pool.give_back(again.idx);
+        // Once idle pairs are unbound, binding is possible again.
+        let trimmed = pool.trim(0, IDLE_UNBIND, now + IDLE_UNBIND + Duration::from_secs(1));
+        assert_eq!(trimmed, vec![a.idx]);
+        let c = pool.take(0, false, now).unwrap();
+        pool.sockets(c.idx, |_| socks()).unwrap();
+        assert_eq!(pool.bound_pairs(), 1);
     }
 
     #[test]
