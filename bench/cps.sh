@@ -8,8 +8,8 @@
 # Pinned by default (PIN=1), as media.sh and webrtc.sh: the load generators (both SIPp,
 # in every row, the direct one too) on CPU 0, what sits between them (crossbar,
 # Kamailio) on CPU 1, as on a deployment where the carriers are other machines. That is
-# also the set-up the issue's calibration describes: pinned, SIPp direct reaches
-# 10,000-11,000 calls/s here and Kamailio's stateful proxy ~0.7 of that (the issue:
+# also the set-up the issue's calibration describes: pinned, SIPp direct reached
+# 9,000-11,000 calls/s here and Kamailio's stateful proxy 0.57-1.00 of that, median 0.82 (the issue:
 # "about 9,800" and "about 0.7"); unpinned, SIPp direct takes both cores (18,000-22,000)
 # and any middle box is charged for the CPU it takes from the generators (Kamailio
 # 0.45-0.56). PIN=0 runs that variant.
